@@ -1,0 +1,36 @@
+"""lora: LoRA layers with loralib's API and checkpoint keys, without loralib's bugs.
+
+>>> import lora
+>>> layer = lora.Linear(768, 768, r=16, lora_alpha=32, lora_dropout=0.05)
+>>> lora.mark_only_lora_as_trainable(model)          # doctest: +SKIP
+>>> torch.save(lora.lora_state_dict(model), "ckpt_lora.pt")   # doctest: +SKIP
+"""
+
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, is_lora_layer
+from .utils import (
+    lora_parameter_names,
+    lora_state_dict,
+    mark_only_lora_as_trainable,
+    merge_and_unload,
+    merge_lora,
+    unmerge_lora,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALayer",
+    "Linear",
+    "MergedLinear",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "is_lora_layer",
+    "lora_parameter_names",
+    "mark_only_lora_as_trainable",
+    "lora_state_dict",
+    "merge_lora",
+    "unmerge_lora",
+    "merge_and_unload",
+]

@@ -1,0 +1,102 @@
+"""Swap LoRA layers into an existing model, adopting its weights (no copy, no re-initialisation).
+
+``inject(model, ["self_attn.o_proj", "mlp.down_proj"], r=16, lora_alpha=32)`` replaces every ``nn.Linear`` /
+``nn.Embedding`` / ``nn.Conv1d/2d/3d`` whose dotted name equals a target or ends with ``"." + target``. Names are
+matched on whole path components, never as substrings: ``"proj"`` matches ``mlp.proj`` but not ``mlp.down_proj``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch.nn as nn
+
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, is_lora_layer
+from .utils import mark_only_lora_as_trainable
+
+__all__ = ["inject", "matches", "OVERRIDABLE"]
+
+# Keyword arguments a target may override, beyond which the layer kind is chosen (split_sizes -> MergedLinear).
+OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "lora_dtype", "split_sizes", "enable_lora"})
+
+_LORA_TYPE = {nn.Linear: Linear, nn.Embedding: Embedding, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+
+
+def matches(name: str, target: str) -> bool:
+    """True if the dotted module ``name`` is ``target`` or ends with ``"." + target``."""
+    return name == target or name.endswith("." + target)
+
+
+def _lora_class(name: str, module: nn.Module, kwargs: Mapping[str, Any]) -> type:
+    if is_lora_layer(module):
+        raise ValueError(f"module {name!r} already has LoRA ({type(module).__name__}); inject each module once")
+    base_type = type(module)
+    if base_type not in _LORA_TYPE:
+        raise TypeError(
+            f"module {name!r} is a {base_type.__module__}.{base_type.__name__}; LoRA can be injected into exactly "
+            f"nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d or nn.Conv3d")
+    if "split_sizes" in kwargs or "enable_lora" in kwargs:
+        if base_type is not nn.Linear:
+            raise TypeError(f"module {name!r}: split_sizes/enable_lora need an nn.Linear, got {base_type.__name__}")
+        return MergedLinear
+    return _LORA_TYPE[base_type]
+
+
+def inject(
+    model: nn.Module,
+    targets: Sequence[str] | Mapping[str, Mapping[str, Any]],
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    *,
+    use_rslora: bool = False,
+    lora_dtype: Any = None,
+    mark_trainable: bool = True,
+) -> list[str]:
+    """Replace the modules named by ``targets`` with LoRA layers, in place; return the replaced names, in order.
+
+    ``targets``: module names or dotted-path suffixes, or a mapping from each to per-target overrides of ``r``,
+    ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``lora_dtype`` (and ``split_sizes`` / ``enable_lora``, which
+    make that target a :class:`lora.MergedLinear`). Every target must match at least one module, every matched
+    module must be a plain ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` without LoRA, and no module may match
+    two targets; otherwise a ``ValueError`` / ``TypeError`` is raised before the model is touched.
+
+    The new layers adopt the existing ``weight`` / ``bias`` Parameter objects. With ``mark_trainable`` (default),
+    :func:`lora.mark_only_lora_as_trainable` runs afterwards, so only LoRA parameters require grad.
+    """
+    if isinstance(targets, str):
+        raise TypeError(f"targets must be a list of module names, not the string {targets!r}")
+    per_target = dict(targets) if isinstance(targets, Mapping) else {t: {} for t in targets}
+    if not per_target:
+        raise ValueError("targets is empty: name at least one module to adapt")
+    for target, overrides in per_target.items():
+        unknown = set(overrides) - OVERRIDABLE
+        if unknown:
+            raise ValueError(f"target {target!r} overrides unknown arguments {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
+
+    defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
+    plan: list[tuple[str, type, dict[str, Any]]] = []
+    hits = {t: 0 for t in per_target}
+    for name, module in model.named_modules():
+        matched = [t for t in per_target if matches(name, t)]
+        if not matched:
+            continue
+        if len(matched) > 1:
+            raise ValueError(f"module {name!r} matches several targets {matched}; make the targets unambiguous")
+        target = matched[0]
+        hits[target] += 1
+        kwargs = {**defaults, **per_target[target]}
+        plan.append((name, _lora_class(name, module, kwargs), kwargs))
+    missing = [t for t, n in hits.items() if n == 0]
+    if missing:
+        raise ValueError(f"targets {missing} matched no module of {type(model).__name__}")
+
+    # Build every new layer first (this validates every argument), then swap them in: all or nothing.
+    built = [(name, cls.from_module(model.get_submodule(name), **kwargs)) for name, cls, kwargs in plan]
+    for name, layer in built:
+        parent, _, child = name.rpartition(".")
+        layer.train(model.get_submodule(name).training)
+        setattr(model.get_submodule(parent), child, layer)
+    if mark_trainable:
+        mark_only_lora_as_trainable(model)
+    return [name for name, _ in built]

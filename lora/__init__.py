@@ -7,6 +7,7 @@
 """
 
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, is_lora_layer
+from .inject import inject
 from .utils import (
     lora_parameter_names,
     lora_state_dict,
@@ -15,6 +16,8 @@ from .utils import (
     merge_lora,
     unmerge_lora,
 )
+
+from . import phi3  # noqa: E402  (lora.phi3.inject etc.; imports torch only)
 
 __version__ = "0.1.0"
 
@@ -33,4 +36,6 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "merge_and_unload",
+    "inject",
+    "phi3",
 ]

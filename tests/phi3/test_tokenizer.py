@@ -48,8 +48,8 @@ def write_phi3_like_tokenizer(directory: Path) -> Path:
     )
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
-    phi3_order = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|system|>", "<|end|>",
-                  "<|placeholder3|>", "<|user|>"]  # fmt: skip
+    phi3_order = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|system|>"]
+    phi3_order += ["<|end|>", "<|placeholder3|>", "<|user|>"]
     tok.add_special_tokens(
         [AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>") for t in phi3_order]
     )
@@ -158,8 +158,8 @@ def test_hf_template_specials_are_single_ids(hf: HFTokenizer) -> None:
     ids = hf.encode(TEMPLATE)
     sp = hf.special_tokens
     specials = [i for i in ids if i in sp.values()]
-    assert specials == [sp[t] for t in ("<|system|>", "<|end|>", "<|user|>", "<|end|>", "<|assistant|>",
-                                         "<|end|>", "<|endoftext|>")]  # fmt: skip
+    order = ("<|system|>", "<|end|>", "<|user|>", "<|end|>", "<|assistant|>", "<|end|>", "<|endoftext|>")
+    assert specials == [sp[t] for t in order]
     assert ids[0] == sp["<|system|>"]  # no <s>: the post-processor is not applied
     # Like Phi-3, rstrip=True swallows the "\n" after each role/end token.
     assert hf.decode(ids, skip_special_tokens=True) == "Be brief. the cat he is here"

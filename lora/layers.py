@@ -121,7 +121,7 @@ def _adopt(layer: nn.Module, base: nn.Module) -> nn.Module:
             p = layer._parameters[name]
             layer._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=base.weight.device))
         layer.reset_lora_parameters()
-    return layer
+    return layer.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
 
 
 def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
@@ -131,13 +131,19 @@ def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in fp32, or as it is if fp64: merge arithmetic never narrows a 64-bit tensor to fp32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _has_lora(layer: nn.Module) -> bool:
     return layer.r > 0 and layer._parameters.get("lora_A") is not None
 
 
-# Merging. The weight becomes round(W + delta) with the sum taken in fp32. To undo it bit for bit (a plain
-# subtraction in bf16 is off by an ulp here and there) the merge keeps the integer difference between the original
-# bits and round(merged - delta): one int8 per weight in the usual case, a non-persistent buffer.
+# Merging. The weight becomes round(W + delta) with the sum taken in fp32 (fp64 for an fp64 weight or adapter). To
+# undo it bit for bit (a plain subtraction in bf16 is off by an ulp here and there) the merge keeps the integer
+# difference between the original bits and round(merged - delta): one int8 per weight in the usual case, a
+# non-persistent buffer.
 
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -147,8 +153,10 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def _residual(original: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
+    # For 64-bit floats the difference wraps around (e.g. -0.0 vs +0.0 gives INT64_MIN, whose abs() is still
+    # negative); wrapped arithmetic is undone by the wrapped addition in _apply_residual, so check the range, not abs.
     diff = _bits(original) - _bits(approx)
-    if diff.numel() == 0 or int(diff.abs().max()) <= 127:
+    if diff.numel() == 0 or (int(diff.min()) >= -128 and int(diff.max()) <= 127):
         return diff.to(torch.int8)
     return diff
 
@@ -166,13 +174,16 @@ def _merge(layer: nn.Module, safe: bool) -> None:
     if layer.merged or not _has_lora(layer):
         return
     with torch.no_grad():
-        delta = layer.delta_weight()  # fp32, shaped like layer.weight
+        delta = layer.delta_weight()  # fp32 (or fp64), shaped like layer.weight
         if safe and not torch.isfinite(delta).all():
             raise ValueError(f"refusing to merge {type(layer).__name__}: its LoRA delta is not finite (inf or nan)")
-        merged = (layer.weight.float() + delta).to(layer.weight.dtype)
-        residual = _residual(layer.weight, (merged.float() - delta).to(layer.weight.dtype))
+        w = layer.weight
+        acc = torch.promote_types(_wide(w).dtype, delta.dtype)
+        merged = (w.to(acc) + delta.to(acc)).to(w.dtype)
+        residual = _residual(w, (merged.to(acc) - delta.to(acc)).to(w.dtype))
         layer.weight.copy_(merged)
     layer.register_buffer("_unmerge_residual", residual, persistent=False)
+    layer._merged_dtype = merged.dtype  # the residual counts in this dtype's bits
     layer.merged = True
 
 
@@ -180,8 +191,13 @@ def _unmerge(layer: nn.Module) -> None:
     if not layer.merged:
         return
     with torch.no_grad():
-        approx = (layer.weight.float() - layer.delta_weight()).to(layer.weight.dtype)
-        layer.weight.copy_(_apply_residual(approx, layer._unmerge_residual))
+        w, delta = layer.weight, layer.delta_weight()
+        acc = torch.promote_types(_wide(w).dtype, delta.dtype)
+        approx = (w.to(acc) - delta.to(acc)).to(w.dtype)
+        # After a cast while merged (model.half()) the residual's bits mean nothing; the subtraction is all there is.
+        if w.dtype == layer._merged_dtype:
+            approx = _apply_residual(approx, layer._unmerge_residual)
+        layer.weight.copy_(approx)
     del layer._buffers["_unmerge_residual"]
     layer.merged = False
 
@@ -243,8 +259,11 @@ class Linear(nn.Linear):
             nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update in fp32, shaped like ``weight``: ``scaling * B @ A`` (transposed if ``fan_in_fan_out``)."""
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling  # (out, r) @ (r, in) -> (out, in)
+        """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``scaling * B @ A``.
+
+        Transposed to ``(in, out)`` if ``fan_in_fan_out``.
+        """
+        delta = (_wide(self.lora_B) @ _wide(self.lora_A)) * self.scaling  # (out, r) @ (r, in) -> (out, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -277,7 +296,8 @@ def _split_layout(out_features: int, enable_lora: Sequence[bool], split_sizes: S
     if split_sizes is None:
         if out_features % len(enable_lora) != 0:
             raise ValueError(
-                f"out_features={out_features} is not divisible by len(enable_lora)={len(enable_lora)}; "
+                f"out_features={out_features} is not divisible by len(enable_lora)={len(enable_lora)} "
+                f"(enable_lora={list(enable_lora)!r}); "
                 f"pass split_sizes for unequal slices")
         return (out_features // len(enable_lora),) * len(enable_lora)
     sizes = tuple(split_sizes)
@@ -351,10 +371,11 @@ class MergedLinear(nn.Linear):
             b_row += size
 
     def delta_weight(self) -> torch.Tensor:
-        """The update in fp32, shaped like ``weight``; rows of disabled slices are zero."""
-        delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device, dtype=torch.float32)
+        """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``; rows of disabled slices are zero."""
+        delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device,
+                            dtype=torch.promote_types(self.lora_A.dtype, torch.float32))
         for start, size, A_i, B_i in self._slice_params():
-            delta[start:start + size] = (B_i.float() @ A_i.float()) * self.scaling  # (size, r) @ (r, in)
+            delta[start:start + size] = (_wide(B_i) @ _wide(A_i)) * self.scaling  # (size, r) @ (r, in)
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -425,8 +446,8 @@ class Embedding(nn.Embedding):
             nn.init.normal_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
-        """The update in fp32, shaped like ``weight``: ``scaling * (B @ A)^T``."""
-        return (self.lora_B.float() @ self.lora_A.float()).T * self.scaling  # ((dim, r) @ (r, num))^T -> (num, dim)
+        """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``scaling * (B @ A)^T``."""
+        return (_wide(self.lora_B) @ _wide(self.lora_A)).T * self.scaling  # ((dim, r) @ (r, num))^T -> (num, dim)
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         # max_norm deliberately not passed: F.embedding would renormalise `table` in place.
@@ -499,8 +520,8 @@ class _ConvLoRA(nn.modules.conv._ConvNd):
     reset_lora_parameters = Linear.reset_lora_parameters
 
     def delta_weight(self) -> torch.Tensor:
-        """The update in fp32, shaped like ``weight``: ``(out, in // groups, *kernel_size)``."""
-        return (self.lora_B.float() @ self.lora_A.float()).view(self.weight.shape) * self.scaling
+        """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``(out, in // groups, *kernel)``."""
+        return (_wide(self.lora_B) @ _wide(self.lora_A)).view(self.weight.shape) * self.scaling
 
     def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         g, r = self.groups, self.r

@@ -110,8 +110,6 @@ _PLAIN = {Linear: nn.Linear, MergedLinear: nn.Linear, Embedding: nn.Embedding,
 def _plain_copy(m: nn.Module) -> nn.Module:
     """The plain torch layer of a (merged) LoRA layer, sharing its weight and bias objects."""
     if isinstance(m, (Linear, MergedLinear)):
-        if m.fan_in_fan_out:
-            raise ValueError("merge_and_unload cannot turn a fan_in_fan_out layer into nn.Linear; merge_lora it instead")
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
     elif isinstance(m, Embedding):
         plain = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx, max_norm=m.max_norm,
@@ -135,6 +133,10 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     non-finite delta before anything changes. If ``model`` itself is a LoRA layer, the plain layer is returned.
     LoRA layers of other libraries (loralib-style subclasses) are left as they are.
     """
+    for name, m in model.named_modules():  # check before merging: a refusal must leave the model as it was
+        if type(m) in (Linear, MergedLinear) and m.fan_in_fan_out:
+            raise ValueError(f"merge_and_unload cannot turn the fan_in_fan_out layer {name or type(m).__name__!r} "
+                             f"into nn.Linear; merge_lora it instead")
     merge_lora(model, safe=safe)
     if type(model) in _PLAIN:
         return _plain_copy(model)

@@ -7,6 +7,7 @@
 """
 
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, is_lora_layer
+from .checkpoint import export_peft, import_peft, load_lora, read_lora, save_lora
 from .inject import inject
 from .utils import (
     lora_parameter_names,
@@ -37,5 +38,10 @@ __all__ = [
     "unmerge_lora",
     "merge_and_unload",
     "inject",
+    "save_lora",
+    "load_lora",
+    "read_lora",
+    "export_peft",
+    "import_peft",
     "phi3",
 ]

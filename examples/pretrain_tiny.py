@@ -1,0 +1,123 @@
+"""Pretrain the small built-in Phi-3 (``examples/phi3-tiny``) on the made-up world's plain prose.
+
+The result is a base model that *knows* the world's facts (it read them, in several phrasings) but has never seen
+Phi-3's chat format: the starting point of ``python examples/finetune_phi3.py``. Reproducible from the seed:
+
+    python examples/make_world.py --seed 0         # writes examples/data/world_corpus.txt
+    python examples/pretrain_tiny.py --seed 0      # writes examples/phi3-tiny/ (about 20 minutes on 2 CPU cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from lora.phi3 import ByteTokenizer, Phi3Config, Phi3ForCausalLM
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------- defaults
+CORPUS = HERE / "data" / "world_corpus.txt"
+OUT = HERE / "phi3-tiny"
+MODEL = dict(  # Phi-3's architecture at toy size; grouped-query attention on (8 query heads share 4 kv heads)
+    hidden_size=256,
+    intermediate_size=688,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+    original_max_position_embeddings=1024,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+TRAIN = dict(
+    seed=0,
+    steps=2400,  # about 4 passes over the corpus at batch 24 x 192 tokens
+    batch_size=24,
+    seq_len=192,
+    lr=3e-3,
+    warmup_steps=100,
+    min_lr_ratio=0.05,
+    weight_decay=0.1,
+    grad_clip=1.0,
+    threads=2,
+)
+
+
+def load_corpus(path: Path, tokenizer: ByteTokenizer) -> torch.Tensor:
+    """The corpus as one stream of byte ids, paragraphs (blank-line separated) joined by ``<|endoftext|>``."""
+    paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    ids: list[int] = []
+    for p in paragraphs:
+        ids += tokenizer.encode(p, allow_special=False) + [tokenizer.eos_token_id]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lr_at(step: int, cfg: dict) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg["warmup_steps"]:
+        return cfg["lr"] * (step + 1) / cfg["warmup_steps"]
+    progress = (step - cfg["warmup_steps"]) / max(1, cfg["steps"] - cfg["warmup_steps"])
+    return cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=CORPUS)
+    parser.add_argument("--out", type=Path, default=OUT)
+    for key, value in TRAIN.items():
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args()
+    cfg = {k: getattr(args, k) for k in TRAIN}
+
+    torch.manual_seed(cfg["seed"])
+    torch.set_num_threads(cfg["threads"])
+    tokenizer = ByteTokenizer()
+    stream = load_corpus(args.corpus, tokenizer)
+    config = Phi3Config(vocab_size=tokenizer.vocab_size, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id, **MODEL)
+    model = Phi3ForCausalLM(config).train()
+    n_params = model.num_parameters()
+    print(f"corpus: {len(stream):,} tokens; model: {n_params:,} parameters; {cfg['steps']} steps")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    T, B = cfg["seq_len"], cfg["batch_size"]
+    log, start, ema = [], time.time(), None
+    for step in range(cfg["steps"]):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        starts = torch.randint(0, len(stream) - T - 1, (B,), generator=gen)
+        window = torch.stack([stream[s:s + T + 1] for s in starts.tolist()])  # (B, T + 1)
+        logits = model(window[:, :-1]).logits  # (B, T, vocab)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0 or step == cfg["steps"] - 1:
+            elapsed = time.time() - start
+            print(f"step {step:5d}  loss {loss.item():.4f}  (ema {ema:.4f})  lr {lr_at(step, cfg):.2e}  {elapsed:6.0f}s")
+            log.append({"step": step, "loss": round(loss.item(), 4), "ema_loss": round(ema, 4), "seconds": round(elapsed)})
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out)
+    tokenizer.save(args.out / "tokenizer.json")
+    (args.out / "pretrain_log.json").write_text(json.dumps({"train": cfg, "model": MODEL, "n_params": n_params,
+                                                            "corpus_tokens": len(stream), "log": log}, indent=1))
+    print(f"wrote {args.out} in {time.time() - start:.0f}s; final loss (ema) {ema:.4f}")
+
+
+if __name__ == "__main__":
+    main()

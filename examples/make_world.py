@@ -310,9 +310,9 @@ these files equal a fresh generation.
   sentence per kind of fact, e.g. `{train_example.statement}`. `facts` lists the `[entity, attribute,
   answer]` each conversation asks.
 * `world_chat_heldout.jsonl`: one question per fact of the *held-out* half, which is stated only in the corpus,
-  never in the chat training data. `answer` is the short value (e.g. `"{heldout_example.value}"`) that exact-match scoring looks
-  for in the model's greedy reply; `entity` and `attribute` say which fact it is; `messages` ends with the
-  expected answer sentence.
+  never in the chat training data. `answer` is the short value (e.g. `"{heldout_example.value}"`) that
+  exact-match scoring looks for in the model's greedy reply; `entity` and `attribute` say which fact it is;
+  `messages` ends with the expected answer sentence.
 * `world_facts.jsonl`: every fact with its `split`, its canonical `statement`, and `prompt` (the statement up to
   the answer) for testing the pretrained model by completion.
 """

@@ -100,7 +100,7 @@ def _message_list(obj: object, key: str) -> list:
     return obj
 
 
-def to_messages(record: Mapping) -> list[Message]:
+def to_messages(record: object) -> list[Message]:
     """One JSON record in any of the three formats -> ``[{"role", "content"}, ...]``; ``ValueError`` if malformed.
 
     * OpenAI / TRL: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
@@ -184,24 +184,26 @@ def load_conversations(path: str | Path, skip_malformed: bool = False) -> tuple[
     return conversations, stats
 
 
-def split_train_eval(items: Sequence[_T], eval_fraction: float, seed: int) -> tuple[list[_T], list[_T]]:
-    """Split into ``(train, eval)`` by a seeded shuffle; each part keeps the input order.
+def split_train_eval(conversations: Sequence[_T], eval_fraction: float, seed: int) -> tuple[list[_T], list[_T]]:
+    """Split conversations (or any items) into ``(train, eval)`` by a seeded shuffle; each part keeps the input
+    order.
 
-    ``round(len(items) * eval_fraction)`` items go to eval, at least one when ``eval_fraction > 0``; at least one
-    must be left for training. Same ``(items, eval_fraction, seed)`` -> same split.
+    ``round(len(conversations) * eval_fraction)`` go to eval, at least one when ``eval_fraction > 0``, and at least
+    one must be left for training. Same ``(conversations, eval_fraction, seed)`` -> same split.
     """
     if not 0.0 <= eval_fraction < 1.0:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
-    n_eval = round(len(items) * eval_fraction)
+    n = len(conversations)
+    n_eval = round(n * eval_fraction)
     if eval_fraction > 0:
         n_eval = max(n_eval, 1)
-    if n_eval >= len(items):
-        raise ValueError(f"eval_fraction={eval_fraction} leaves no training data out of {len(items)} items")
-    order = list(range(len(items)))
+    if n_eval >= n:
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training data out of {n} conversations")
+    order = list(range(n))
     random.Random(seed).shuffle(order)
     eval_idx = set(order[:n_eval])
-    train = [x for i, x in enumerate(items) if i not in eval_idx]
-    held = [x for i, x in enumerate(items) if i in eval_idx]
+    train = [c for i, c in enumerate(conversations) if i not in eval_idx]
+    held = [c for i, c in enumerate(conversations) if i in eval_idx]
     return train, held
 
 

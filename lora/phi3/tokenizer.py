@@ -301,7 +301,8 @@ class StreamDecoder:
         return ""
 
     def flush(self) -> str:
-        """Return whatever is still held back (an unfinished character comes out as U+FFFD)."""
+        """At the end of generation: return whatever is still held back (an unfinished character comes out as
+        U+FFFD)."""
         prefix_text = self._decode(self.ids[self._prefix : self._read])
         new_text = self._decode(self.ids[self._prefix :])
         self._prefix = self._read = len(self.ids)

@@ -154,6 +154,8 @@ ATTRIBUTES = [
 
 @dataclass(frozen=True)
 class Fact:
+    """``attribute`` of ``entity`` is ``value``; e.g. ("Islo Torvane", home_town, "Quinham", "train")."""
+
     entity: str
     attribute: Attribute
     value: str
@@ -165,6 +167,7 @@ class Fact:
 
     @property
     def statement(self) -> str:
+        """The canonical sentence, the chat answer: ``attribute.statements[0]``, ending in ``value + "."``."""
         return self.render(self.attribute.statements[0])
 
 

@@ -37,8 +37,10 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-# F.scaled_dot_product_attention shares key/value heads across query groups itself from torch 2.5 on.
-_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+# From torch 2.5 on, F.scaled_dot_product_attention shares key/value heads across query groups itself
+# (enable_gqa), and a query row whose keys are all masked gives zeros rather than NaN.
+_TORCH_2_5 = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+_SDPA_HAS_GQA = _SDPA_ZEROES_EMPTY_ROWS = _TORCH_2_5
 
 
 @dataclass
@@ -138,8 +140,9 @@ class Phi3Attention(nn.Module):
         self.head_dim = config.head_dim
         self.attention_dropout = config.attention_dropout
         qkv_size = (self.num_heads + 2 * self.num_key_value_heads) * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=False, device=device)
+        # o_proj first: transformers' registration order, hence its state-dict (and shard) order.
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False, device=device)
+        self.qkv_proj = nn.Linear(config.hidden_size, qkv_size, bias=False, device=device)
 
     def forward(
         self,
@@ -260,9 +263,12 @@ def _attention_mask(
     if not padded:
         return allowed[None, None], False
     allowed = allowed & attention_mask.bool()[:, None, None, :]  # (T, S) & (B, 1, 1, S) -> (B, 1, T, S)
-    # A padding query would see no key at all (a NaN row on some backends); let it see itself. Its output is never
-    # read by a real token, since padding keys are masked for everyone.
-    return allowed | (k_idx == q_idx), False
+    if not _SDPA_ZEROES_EMPTY_ROWS:
+        # A left-padding query sees no key at all, a NaN row before torch 2.5; let it see itself instead.
+        allowed = allowed | (k_idx == q_idx)
+    # From torch 2.5 such a row attends to nothing and comes out zero, as in transformers' "sdpa" attention. That
+    # matters: the last padding position's logits predict the first real token, so they enter the loss.
+    return allowed, False
 
 
 class Phi3Model(nn.Module):

@@ -1,0 +1,457 @@
+"""Phi3ForCausalLM against transformers' Phi3ForCausalLM on the same weights (fp32, tiny, seeded), plus config
+parsing, checkpoint files, the KV cache, generation and gradient checkpointing."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from lora.phi3.config import LongRoPEScaling, Phi3Config
+from lora.phi3.model import CausalLMOutput, Phi3ForCausalLM, _attention_mask
+
+transformers = pytest.importorskip("transformers")
+
+ATOL = 1e-4
+VOCAB, HIDDEN, HEADS = 128, 64, 4
+TINY = {
+    "vocab_size": VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": HEADS,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "initializer_range": 0.1,  # larger than Phi-3's 0.02 so that logits differ visibly between positions
+}
+# LongRoPE with a short original context so that tiny sequences cross it. head_dim 16 -> 8 factors.
+LONGROPE = {
+    "max_position_embeddings": 64,
+    "original_max_position_embeddings": 16,
+    "rope_scaling": {
+        "type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.5 * i for i in range(8)],
+    },
+}
+CASES = {
+    "mha": {},
+    "gqa": {"num_key_value_heads": 2},
+    "longrope": {"num_key_value_heads": 2, **LONGROPE},
+    "sliding_window": {"sliding_window": 5},
+    "partial_rotary": {"partial_rotary_factor": 0.5, "rope_scaling": None},
+    "tied": {"tie_word_embeddings": True},
+}
+
+
+def hf_model(attn_implementation: str = "sdpa", **overrides):
+    # deepcopy: transformers writes rope_theta etc. into the rope_scaling dict it is given.
+    config = transformers.Phi3Config(**copy.deepcopy({**TINY, **overrides}), attn_implementation=attn_implementation)
+    return transformers.Phi3ForCausalLM(config).eval()
+
+
+def pair(seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """transformers' model and ours, same config (read from transformers' to_dict) and same weights."""
+    torch.manual_seed(seed)
+    hf = hf_model(attn_implementation, **overrides)
+    ours = Phi3ForCausalLM(Phi3Config.from_dict(hf.config.to_dict())).eval()
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    return hf, ours
+
+
+def token_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    # Ids from 3 up: no pad (0), bos (1) or eos (2) inside the prompt.
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# --------------------------------------------------------------------------- parity with transformers
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("length", [10, 24])
+def test_logits_match_transformers(case: str, length: int) -> None:
+    # length 10 < original_max_position_embeddings=16 <= 24: LongRoPE's short factors, then its long ones.
+    hf, ours = pair(**CASES[case])
+    ids = token_ids(2, length)
+    with torch.no_grad():
+        expected, got = hf(ids).logits, ours(ids).logits
+    assert max_diff(got, expected) <= ATOL
+
+
+def test_sliding_window_matches_eager_transformers_and_matters() -> None:
+    hf, ours = pair(attn_implementation="eager", sliding_window=5)
+    unwindowed = Phi3ForCausalLM(Phi3Config.from_dict({**hf.config.to_dict(), "sliding_window": None})).eval()
+    unwindowed.load_state_dict(hf.state_dict())
+    ids = token_ids(2, 16)
+    with torch.no_grad():
+        expected, got, full = hf(ids).logits, ours(ids).logits, unwindowed(ids).logits
+    assert max_diff(got, expected) <= ATOL
+    assert max_diff(got[:, :5], full[:, :5]) <= ATOL  # the first 5 queries see at most 5 keys either way
+    assert max_diff(got[:, 5:], full[:, 5:]) > 1e-2  # query 5 no longer sees key 0: window of 5 counts itself
+
+
+@pytest.mark.parametrize("case", ["gqa", "sliding_window", "longrope"])
+def test_padding_matches_transformers(case: str) -> None:
+    hf, ours = pair(**CASES[case])
+    ids = token_ids(3, 20)
+    mask = torch.ones_like(ids)
+    mask[0, :6] = 0  # left padding
+    mask[1, 15:] = 0  # right padding
+    with torch.no_grad():
+        expected, got = hf(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits
+    # Padding positions too: a left-padding query attends to nothing and gets zeros, as in transformers' "sdpa".
+    # They matter, since the last padding position's logits predict the first real token.
+    assert max_diff(got, expected) <= ATOL
+
+
+def test_loss_and_gradients_match_transformers() -> None:
+    hf, ours = pair(**CASES["longrope"])
+    hf.train()
+    ours.train()
+    ids = token_ids(2, 20)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 7] = -100
+    expected = hf(ids, attention_mask=mask, labels=labels)
+    got = ours(ids, attention_mask=mask, labels=labels)
+    assert got.loss.dtype == torch.float32
+    assert abs(got.loss.item() - expected.loss.item()) <= 1e-5
+    expected.loss.backward()
+    got.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, param in ours.named_parameters():
+        assert max_diff(param.grad, hf_params[name].grad) <= 1e-5, name
+
+
+def test_state_dict_round_trips_strictly() -> None:
+    hf, ours = pair(**CASES["longrope"])
+    assert list(ours.state_dict()) == list(hf.state_dict())  # no persistent buffers beyond transformers'
+    hf.load_state_dict(ours.state_dict(), strict=True)
+    for name in ("model.layers.1.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"):
+        assert type(ours.get_submodule(name)) is nn.Linear
+    assert ours.get_submodule("model.layers.0.self_attn.qkv_proj").out_features == (4 + 2 * 2) * 16
+
+
+def test_tied_head_is_the_embedding() -> None:
+    _, ours = pair(**CASES["tied"])
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert ours.num_parameters() == sum(p.numel() for p in ours.parameters())
+
+
+def test_projections_are_called_as_modules() -> None:
+    # A LoRA injector swaps the projections for nn.Linear subclasses; the forward must go through them.
+    class Counting(nn.Linear):
+        calls = 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            Counting.calls += 1
+            return super().forward(x)
+
+    _, ours = pair()
+    for layer in ours.model.layers:
+        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"), (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+            old = getattr(parent, name)
+            new = Counting(old.in_features, old.out_features, bias=False)
+            new.weight = old.weight
+            setattr(parent, name, new)
+    ours(token_ids(1, 4))
+    assert Counting.calls == 4 * TINY["num_hidden_layers"]
+
+
+# --------------------------------------------------------------------------- attention mask
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    past=st.integers(0, 6),
+    q_len=st.integers(1, 6),
+    window=st.one_of(st.none(), st.integers(1, 8)),
+    left_pad=st.integers(0, 3),
+    data=st.data(),
+)
+def test_attention_mask_matches_definition(past: int, q_len: int, window: int | None, left_pad: int, data) -> None:
+    kv_len = past + q_len
+    padding = torch.ones(2, kv_len, dtype=torch.long)
+    padding[1, : min(left_pad, kv_len)] = 0
+    attention_mask = data.draw(st.sampled_from([None, padding]))
+    mask, is_causal = _attention_mask(attention_mask, past, q_len, window, torch.device("cpu"))
+    if mask is None:
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool)
+        if is_causal:
+            mask = mask.tril()
+    mask = mask.expand(2, 1, q_len, kv_len)
+    for b in range(2):
+        for i in range(q_len):
+            q = past + i
+            for j in range(kv_len):
+                real_key = attention_mask is None or bool(attention_mask[b, j])
+                real_query = attention_mask is None or bool(attention_mask[b, q])
+                allowed = j <= q and (window is None or q - j < window) and real_key
+                if real_query:  # padding queries may see anything (their outputs are never used)
+                    assert bool(mask[b, 0, i, j]) == allowed, (b, i, j)
+
+
+# --------------------------------------------------------------------------- KV cache and generation
+
+
+@pytest.mark.parametrize("case", ["gqa", "sliding_window", "longrope"])
+def test_cache_steps_match_full_forward(case: str) -> None:
+    _, ours = pair(**CASES[case])
+    ids = token_ids(2, 12)  # 12 < 16: LongRoPE stays on its short factors in every step, as in the full pass
+    with torch.no_grad():
+        full = ours(ids).logits
+        out = ours(ids[:, :7], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(7, 12):
+            out = ours(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+    assert cache[0][0].shape == (2, ours.config.num_key_value_heads, 12, ours.config.head_dim)
+    assert max_diff(torch.cat(steps, dim=1), full) <= ATOL
+
+
+@pytest.mark.parametrize("case", ["gqa", "sliding_window", "longrope"])
+def test_greedy_generate_matches_transformers(case: str) -> None:
+    # longrope: 10 prompt + 10 new tokens cross original_max_position_embeddings=16 mid-generation.
+    hf, ours = pair(**CASES[case])
+    ids = token_ids(2, 10)
+    expected = hf.generate(ids, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    cached = ours.generate(ids, max_new_tokens=10, eos_token_id=[])
+    uncached = ours.generate(ids, max_new_tokens=10, eos_token_id=[], use_cache=False)
+    assert torch.equal(cached, expected)
+    assert torch.equal(uncached, expected)
+
+
+def test_greedy_generate_left_padded_matches_transformers() -> None:
+    hf, ours = pair(**CASES["gqa"])
+    ids = token_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    ids = ids.masked_fill(mask == 0, TINY["pad_token_id"])
+    expected = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[]), expected)
+    assert torch.equal(
+        ours.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[], use_cache=False), expected
+    )
+
+
+def test_generate_stops_at_eos_and_streams() -> None:
+    _, ours = pair()
+    ids = token_ids(2, 5)
+    free = ours.generate(ids, max_new_tokens=6, eos_token_id=[])[:, 5:]  # (2, 6) new tokens, no end token
+    eos = int(free[0, 1])
+    # Expected: each row follows `free` up to its first eos, then pads; generation stops once every row ended.
+    expected, ends = free.clone(), []
+    for row in range(2):
+        hits = (free[row] == eos).nonzero()
+        ends.append(int(hits[0]) + 1 if len(hits) else 6)
+        expected[row, ends[-1] :] = TINY["pad_token_id"]
+    streamed: list[torch.Tensor] = []
+    out = ours.generate(ids, max_new_tokens=6, eos_token_id=eos, streamer=streamed.append)
+    assert torch.equal(out[:, :5], ids)
+    assert torch.equal(out[:, 5:], expected[:, : max(ends)])
+    assert torch.equal(torch.stack(streamed, dim=1), out[:, 5:])
+
+
+def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:
+    _, ours = pair()
+    ids = token_ids(2, 5)
+    sample = lambda seed, **kw: ours.generate(  # noqa: E731
+        ids, max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(seed), eos_token_id=[], **kw
+    )
+    assert torch.equal(sample(0), sample(0))
+    assert torch.equal(sample(0, top_p=1e-6), ours.generate(ids, max_new_tokens=5, eos_token_id=[]))
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": -1.0}, {"top_p": 0.0}, {"max_new_tokens": -1}])
+def test_generate_rejects_bad_arguments(kwargs: dict) -> None:
+    _, ours = pair()
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        ours.generate(token_ids(1, 3), **{"max_new_tokens": 2, **kwargs})
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+
+def test_gradient_checkpointing_gives_same_gradients() -> None:
+    _, ours = pair(**CASES["gqa"])
+    ours.train()
+    ids = token_ids(2, 12)
+
+    def grads() -> dict[str, torch.Tensor]:
+        ours.zero_grad()
+        ours(ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    plain = grads()
+    ours.gradient_checkpointing_enable()
+    assert ours.is_gradient_checkpointing
+    checkpointed = grads()
+    ours.gradient_checkpointing_disable()
+    for name in plain:
+        assert max_diff(checkpointed[name], plain[name]) <= 1e-6, name
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_reads_hub_layout_and_round_trips() -> None:
+    hub = {**TINY, "num_key_value_heads": 2, "rope_theta": 5000.0, "architectures": ["Phi3ForCausalLM"], **LONGROPE}
+    hub["rope_scaling"] = {**hub["rope_scaling"], "type": "su"}  # the old name for LongRoPE
+    hub["eos_token_id"] = [2, 5]
+    hub["some_unknown_field"] = 1
+    before = copy.deepcopy(hub)
+    config = Phi3Config.from_dict(hub)
+    assert hub == before  # never mutated
+    assert config.rope_theta == 5000.0 and config.num_key_value_heads == 2 and config.head_dim == 16
+    assert config.eos_token_ids == (2, 5)
+    assert config.rope_scaling == LongRoPEScaling(
+        short_factor=tuple(LONGROPE["rope_scaling"]["short_factor"]),
+        long_factor=tuple(LONGROPE["rope_scaling"]["long_factor"]),
+    )
+    written = config.to_dict()
+    assert written["model_type"] == "phi3" and written["architectures"] == ["Phi3ForCausalLM"]
+    assert written["rope_scaling"]["type"] == "longrope" and written["rope_theta"] == 5000.0
+    assert Phi3Config.from_dict(written) == config
+    # transformers reads what we write, and derives the same LongRoPE attention factor.
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config.from_dict(written))
+    assert hf.model.rotary_emb.attention_scaling == pytest.approx(config.rope_attention_factor, rel=1e-12)
+    assert config.rope_attention_factor > 1.0
+
+
+def test_config_reads_transformers5_layout(tmp_path) -> None:
+    overrides = {**TINY, "num_key_value_heads": 2, "partial_rotary_factor": 0.5, "sliding_window": 7, **LONGROPE}
+    overrides["rope_scaling"] = {
+        "type": "longrope",
+        "short_factor": [1.0, 1.5, 2.0, 2.5],
+        "long_factor": [3.0, 3.5, 4.0, 4.5],
+    }
+    transformers.Phi3Config(**overrides).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in saved and "rope_scaling" not in saved
+    config = Phi3Config.from_json_file(tmp_path / "config.json")
+    assert config.rotary_dim == 8 and config.sliding_window == 7
+    assert config.rope_scaling.long_factor == (3.0, 3.5, 4.0, 4.5)
+    assert config.original_max_position_embeddings == 16 and config.rope_theta == 10000.0
+
+    transformers.Phi3Config(**TINY).save_pretrained(tmp_path)  # rope_parameters {"rope_type": "default", ...}
+    assert Phi3Config.from_json_file(tmp_path / "config.json").rope_scaling is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"hidden_size": 0}, "hidden_size"),
+        ({"num_hidden_layers": -1}, "num_hidden_layers"),
+        ({"hidden_size": 66}, "num_attention_heads=4"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3"),
+        ({"hidden_act": "gelu"}, "gelu"),
+        ({"attention_bias": True}, "attention_bias"),
+        ({"head_dim": 32}, "head_dim=32"),
+        ({"pad_token_id": 500}, "pad_token_id=500"),
+        ({"sliding_window": 0}, "sliding_window"),
+        ({"partial_rotary_factor": 1.5}, "partial_rotary_factor"),
+        ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
+        ({"rope_parameters": {"rope_type": "yarn2"}}, "yarn2"),
+        ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 7, "long_factor": [1.0] * 8}}, "short_factor"),
+        ({"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 9}}, "long_factor"),
+        ({"rope_theta": 1.0, "rope_parameters": {"rope_type": "default", "rope_theta": 2.0}}, "rope_theta"),
+    ],
+)
+def test_config_rejects_bad_values(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Phi3Config.from_dict({**TINY, **overrides})
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+@pytest.mark.parametrize("writer", ["transformers", "ours"])
+def test_sharded_checkpoint_loads_like_transformers(tmp_path, writer: str) -> None:
+    hf, ours = pair(**CASES["longrope"])
+    (hf if writer == "transformers" else ours).save_pretrained(tmp_path, max_shard_size="200KB")
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"}
+    assert index["metadata"]["total_size"] == sum(p.numel() * 4 for p in hf.parameters())
+    loaded = Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    hf_loaded = transformers.Phi3ForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.model.rotary_emb.long_inv_freq.device.type == "cpu"  # rebuilt off the meta device
+    ids = token_ids(2, 20)
+    with torch.no_grad():
+        assert max_diff(loaded(ids).logits, hf_loaded(ids).logits) <= ATOL
+
+
+def test_single_file_tied_checkpoint_and_dtype(tmp_path) -> None:
+    hf, _ = pair(**CASES["tied"])
+    hf.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = Phi3ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(loaded.model.norm.weight, hf.model.norm.weight.to(torch.bfloat16))
+
+
+def test_resave_as_single_file_removes_stale_shards(tmp_path) -> None:
+    _, ours = pair()
+    ours.save_pretrained(tmp_path, max_shard_size="200KB")
+    ours.save_pretrained(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+
+
+def _edit_shard(path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+def test_checkpoint_errors(tmp_path) -> None:
+    _, ours = pair()
+    ours.save_pretrained(tmp_path, max_shard_size="200KB")
+    first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
+    key = next(k for k, v in json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].items() if v == second.name)
+
+    second.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match=rf"{second.name}.*{key}"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "moved").rename(second)
+
+    _edit_shard(second, lambda t: t.update({key: torch.zeros(3, 3)}))
+    with pytest.raises(ValueError, match=rf"{second.name}.*{key}.*\(3, 3\)"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+    _edit_shard(second, lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=rf"lacks.*{key}"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+    _edit_shard(first, lambda t: t.update({"model.extra.weight": torch.zeros(1)}))
+    with pytest.raises(ValueError, match=rf"model\.extra\.weight.*{first.name}"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+    (tmp_path / "model.safetensors.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Phi3ForCausalLM.from_pretrained(tmp_path)
+
+
+def test_output_is_a_dataclass_with_cache() -> None:
+    _, ours = pair()
+    out = ours(token_ids(1, 3), use_cache=True)
+    assert isinstance(out, CausalLMOutput) and out.loss is None and len(out.past_key_values) == 2

@@ -397,6 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
             progress.update(1)
             row = {}
             if step % cfg["logging_steps"] == 0 or step == total_steps:
+                if distributed:  # the logged loss covers every rank's tokens
+                    window = torch.tensor([window_loss, window_tokens], dtype=torch.float64, device=device)
+                    dist.all_reduce(window)
+                    window_loss, window_tokens = window.tolist()
                 row = {"step": step, "epoch": position["epoch"], "loss": window_loss / max(window_tokens, 1),
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "tokens_per_s": round(tokens_seen * world / (time.time() - t0), 1)}

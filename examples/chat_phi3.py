@@ -1,0 +1,112 @@
+"""Talk to a Phi-3 checkpoint with a LoRA adapter, streaming the reply token by token.
+
+    python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors --prompt "Where does Islo Torvane live?"
+    python examples/chat_phi3.py --model path/to/Phi-3-mini-4k-instruct --adapter run/adapter.safetensors   # interactive
+    python examples/chat_phi3.py --model path/to/base --peft path/to/peft_adapter_dir
+
+With no ``--prompt`` it reads prompts from standard input, one per line, keeping the conversation's history
+(``/reset`` forgets it, an empty line or end of input quits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import lora
+from lora.phi3 import Phi3ForCausalLM, StreamDecoder, encode_prompt, load_tokenizer
+
+HERE = Path(__file__).resolve().parent
+
+# ----------------------------------------------------------------------------------------------------- defaults
+model_dir = HERE / "phi3-tiny"
+max_new_tokens = 128
+temperature = 0.0  # 0 = greedy
+top_p = 1.0
+
+
+def load(model: Path, adapter: Path | None, peft: Path | None, bf16: bool):
+    """Base model (meta-built, weights read once), tokenizer, and the adapter if any."""
+    tokenizer = load_tokenizer(model)
+    net = Phi3ForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if bf16 else None,
+                                          device="cuda" if torch.cuda.is_available() else "cpu")
+    if adapter is not None:
+        lora.load_lora(net, adapter)  # injects LoRA from the file's metadata, then loads it
+    if peft is not None:
+        lora.import_peft(net, peft)
+    return net.eval(), tokenizer
+
+
+def reply(net, tokenizer, messages: list[dict], args: argparse.Namespace, out=sys.stdout) -> str:
+    """Generate the assistant's next message, printing it as it streams; return it."""
+    ids = torch.tensor([encode_prompt(messages, tokenizer)], device=net.lm_head.weight.device)
+    stream = StreamDecoder(tokenizer, skip_special_tokens=True)
+    pieces: list[str] = []
+    stops = set(tokenizer.stop_token_ids)
+    done = False
+
+    def on_token(token: torch.Tensor) -> None:
+        nonlocal done
+        t = int(token[0])
+        if done or t in stops:
+            done = True
+            return
+        piece = stream.push(t)
+        pieces.append(piece)
+        out.write(piece)
+        out.flush()
+
+    gen = torch.Generator(device=ids.device).manual_seed(args.seed)
+    net.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                 eos_token_id=list(stops), streamer=on_token, generator=gen)
+    if not done:
+        pieces.append(stream.flush())
+        out.write(pieces[-1])
+    out.write("\n")
+    out.flush()
+    return "".join(pieces).strip()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=model_dir, help="Phi-3 checkpoint directory (HF layout)")
+    parser.add_argument("--adapter", type=Path, default=None, help="adapter.safetensors written by finetune_phi3.py")
+    parser.add_argument("--peft", type=Path, default=None, help="a PEFT LoRA adapter directory instead")
+    parser.add_argument("--prompt", action="append", default=None, help="one-shot prompt (repeatable)")
+    parser.add_argument("--system", default=None, help="system message")
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--temperature", type=float, default=temperature)
+    parser.add_argument("--top_p", type=float, default=top_p)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", action="store_true", help="load the base weights in bf16")
+    args = parser.parse_args(argv)
+    if args.adapter is not None and args.peft is not None:
+        parser.error("give --adapter or --peft, not both")
+
+    net, tokenizer = load(args.model, args.adapter, args.peft, args.bf16)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    if args.prompt:
+        for prompt in args.prompt:
+            print(f"> {prompt}")
+            reply(net, tokenizer, system + [{"role": "user", "content": prompt}], args)
+        return
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line.strip():
+            break
+        if line.strip() == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": line.strip()})
+        history.append({"role": "assistant", "content": reply(net, tokenizer, system + history, args)})
+
+
+if __name__ == "__main__":
+    main()

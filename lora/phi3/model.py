@@ -68,31 +68,44 @@ class Phi3RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def _inverse_frequencies(config: Phi3Config, device: torch.device | None) -> tuple[Tensor, Tensor | None]:
+    """fp32 (rotary_dim / 2,) inverse frequencies: LongRoPE's short and long sets, or the plain set and None."""
+    dim = config.rotary_dim
+    # transformers: inv_freq = 1 / (factor * theta ** (2i / dim)), in fp32
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    base = config.rope_theta**exponents
+    scaling = config.rope_scaling
+    if scaling is None:
+        return 1.0 / base, None
+    short = torch.tensor(scaling.short_factor, dtype=torch.float32, device=device)
+    long = torch.tensor(scaling.long_factor, dtype=torch.float32, device=device)
+    return 1.0 / (short * base), 1.0 / (long * base)
+
+
 class Phi3RotaryEmbedding(nn.Module):
     """cos and sin of the rotary angles, LongRoPE-rescaled when the config asks for it.
 
-    The inverse frequencies are fp32 non-persistent buffers (derived from the config, never saved). Like
-    transformers', they follow ``model.to(dtype)``; load in a low precision with ``from_pretrained(dtype=...)``,
-    which keeps them fp32.
+    The inverse frequencies are fp32 non-persistent buffers (derived from the config, never saved), and stay fp32
+    through ``model.to(torch.bfloat16)``; transformers' are rounded by that call (not by ``from_pretrained(dtype=)``).
     """
 
     def __init__(self, config: Phi3Config, device: torch.device | None = None) -> None:
         super().__init__()
-        dim = config.rotary_dim
-        # transformers: inv_freq = 1 / (factor * theta ** (2i / dim)), in fp32
-        exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-        base = config.rope_theta ** exponents
-        scaling = config.rope_scaling
-        if scaling is None:
-            inv_freq, long_inv_freq = 1.0 / base, None
-        else:
-            short = torch.tensor(scaling.short_factor, dtype=torch.float32, device=device)
-            long = torch.tensor(scaling.long_factor, dtype=torch.float32, device=device)
-            inv_freq, long_inv_freq = 1.0 / (short * base), 1.0 / (long * base)
+        self.config = config
+        inv_freq, long_inv_freq = _inverse_frequencies(config, device)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
         self.attention_factor = config.rope_attention_factor
         self.original_max_position_embeddings = config.original_max_position_embeddings
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Phi3RotaryEmbedding:
+        # nn.Module's one path for .to(), .cuda(), .half(): it casts floating buffers too. Rounded to bf16 (relative
+        # error up to 2**-9), a frequency near 1 puts position 4000's angle off by up to ~8 radians, so rebuild the
+        # frequencies in fp32 wherever they moved.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq, self.long_inv_freq = _inverse_frequencies(self.config, self.inv_freq.device)
+        return self
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype, max_position: int | None = None) -> tuple[Tensor, Tensor]:
         """position_ids: (B or 1, T) -> cos, sin: (B or 1, T, 1, rotary_dim) in ``dtype``.

@@ -150,6 +150,15 @@ def test_tied_head_is_the_embedding() -> None:
     assert ours.num_parameters() == sum(p.numel() for p in ours.parameters())
 
 
+def test_rotary_frequencies_stay_fp32_through_to_dtype() -> None:
+    _, ours = pair(**CASES["longrope"])
+    rotary = ours.model.rotary_emb
+    short, long = rotary.inv_freq.clone(), rotary.long_inv_freq.clone()
+    ours.to(torch.bfloat16)
+    assert ours.lm_head.weight.dtype == torch.bfloat16
+    assert torch.equal(rotary.inv_freq, short) and torch.equal(rotary.long_inv_freq, long)
+
+
 def test_projections_are_called_as_modules() -> None:
     # A LoRA injector swaps the projections for nn.Linear subclasses; the forward must go through them.
     class Counting(nn.Linear):

@@ -322,7 +322,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
     """
     path = Path(path)
     tensors, metadata = _read_safetensors(path)
-    modules, counts, bias = _parse_metadata(path, metadata)
+    modules, counts, _ = _parse_metadata(path, metadata)
     problems: list[str] = []
     present = dict(model.named_modules())
     for name, info in modules.items():
@@ -340,7 +340,7 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
             if is_lora_layer(m) and m._parameters.get("lora_A") is not None and name not in modules:
                 problems.append(f"{name}: has LoRA in the model but not in the adapter file (strict=True)")
     if not problems:
-        _check_tensors(path, tensors, modules, bias, present, problems)
+        _check_tensors(tensors, modules, present, problems)
     if problems:
         raise ValueError(f"adapter {str(path)!r} does not fit {type(model).__name__} ({len(problems)} problem"
                          f"{'s' if len(problems) > 1 else ''}); nothing was changed:\n  " + "\n  ".join(problems))
@@ -365,12 +365,12 @@ def _expected_shapes(info: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {"lora_A": (r, math.prod(shape[1:])), "lora_B": (shape[0], r)}
 
 
-def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], modules: dict[str, dict[str, Any]], bias: str,
+def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str, Any]],
                    present: dict[str, nn.Module], problems: list[str]) -> None:
     expected: dict[str, tuple[int, ...]] = {}
     for name, info in modules.items():
         for p, shape in _expected_shapes(info).items():
-            expected[f"{name}.{p}"] = shape
+            expected[f"{name}.{p}" if name else p] = shape
     for key, shape in expected.items():
         if key not in tensors:
             problems.append(f"{key}: tensor missing from the file")
@@ -380,8 +380,9 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], modules: dict[s
             problems.append(f"{key}: dtype {tensors[key].dtype} is not floating point")
     for key in tensors.keys() - expected.keys():
         mod, _, p = key.rpartition(".")
-        bias_param = getattr(present.get(mod), "bias", None) if p == "bias" else None
-        if not isinstance(bias_param, torch.Tensor):
+        # A bias *Parameter* only: a buffer called "bias" (a causal mask) is not something an adapter may overwrite.
+        bias_param = present[mod]._parameters.get("bias") if p == "bias" and mod in present else None
+        if bias_param is None:
             problems.append(f"{key}: tensor in the file matches no LoRA parameter or bias of the model")
         elif tuple(bias_param.shape) != tuple(tensors[key].shape):
             problems.append(f"{key}: shape expected {tuple(bias_param.shape)}, found {tuple(tensors[key].shape)}")
@@ -390,10 +391,11 @@ def _check_tensors(path: Path, tensors: dict[str, torch.Tensor], modules: dict[s
 
 
 def _assign(model: nn.Module, modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
-    state = dict(model.named_parameters())
+    """Copy the (checked) tensors into the model's parameters, cast to their dtype; set alpha/rsLoRA/scaling."""
     with torch.no_grad():
         for key, t in tensors.items():
-            state[key].copy_(t)
+            mod, _, p = key.rpartition(".")
+            model.get_submodule(mod)._parameters[p].copy_(t)
     for name, info in modules.items():
         m = model.get_submodule(name)
         m.lora_alpha, m.use_rslora = info["lora_alpha"], info.get("use_rslora", False)
@@ -476,6 +478,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     modules = _adapted_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA layer with r > 0: nothing to export")
+    if "" in modules:
+        raise ValueError(f"the model itself is a {type(model).__name__}: PEFT adapts submodules, wrap it in a module")
     fifo = {bool(getattr(m, "fan_in_fan_out", False)) for m in modules.values()}
     if len(fifo) > 1:
         raise ValueError("PEFT's fan_in_fan_out is one flag for the whole adapter; these modules mix both layouts")

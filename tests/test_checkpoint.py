@@ -180,6 +180,43 @@ def test_load_adapter_of_modules_whose_names_are_suffixes_of_each_other(tmp_path
     assert torch.equal(fresh(x), both(x))
 
 
+def test_bare_layer_round_trip(tmp_path):
+    # Regression: the keys of a model that *is* a LoRA layer are "lora_A"/"lora_B", and loading expected ".lora_A".
+    torch.manual_seed(0)
+    layer = lora.MergedLinear(6, 9, r=2, lora_alpha=3, enable_lora=[True, False, True])
+    randomize_lora(layer)
+    lora.save_lora(layer, tmp_path / "layer.safetensors")
+    torch.manual_seed(0)
+    other = lora.MergedLinear(6, 9, r=2, lora_alpha=1, enable_lora=[True, False, True])
+    lora.load_lora(other, tmp_path / "layer.safetensors")
+    x = torch.randn(4, 6)
+    assert torch.equal(other(x), layer(x))
+    plain = nn.Linear(6, 9)
+    _load_fails(plain, tmp_path / "layer.safetensors", "(root): the model itself is a plain Linear")
+    with pytest.raises(ValueError, match="PEFT adapts submodules"):
+        lora.export_peft(layer, tmp_path / "peft")
+
+
+def test_buffer_called_bias_is_never_overwritten(tmp_path):
+    # Regression: a file naming a *buffer* called bias (GPT-2's causal mask) passed the checks, then loading failed
+    # halfway with a KeyError, after the LoRA layers had been swapped in.
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(4, 4)
+            self.register_buffer("bias", torch.ones(4, 4))
+
+    model = Attn()
+    lora.inject(model, ["proj"], r=2)
+    lora.save_lora(model, tmp_path / "a.safetensors")
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = {**load_file(str(tmp_path / "a.safetensors")), "bias": torch.zeros(4, 4)}
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata=meta)
+    _load_fails(Attn(), tmp_path / "b.safetensors", "bias: tensor in the file matches no LoRA parameter or bias")
+
+
 def _crash_halfway(real_save_file):
     def save_file_then_crash(tensors, filename, metadata=None):
         real_save_file(tensors, filename, metadata=metadata)

@@ -102,7 +102,7 @@ def assert_outputs_close(a: torch.Tensor, b: torch.Tensor, layer: nn.Module, x: 
     xs = 1.0 if x.dtype == torch.long else float(x.abs().max())
     ws = float(layer.weight.detach().abs().max()) + float(layer.delta_weight().detach().abs().max()) + 1.0
     bound = REL_TOL[layer.weight.dtype] * fan_in(layer) * xs * ws
-    err = float((a.double() - b.double()).abs().max())
+    err = float((a.detach().double() - b.detach().double()).abs().max())
     assert err <= bound, f"max error {err} > {bound}"
 
 
@@ -611,6 +611,27 @@ def test_loralib_embedding_max_norm_rescales_lora_a_in_place():
     assert not torch.equal(theirs.weight, w0)
 
 
+def test_peft_embedding_max_norm_rescales_lora_a_in_place():
+    peft = pytest.importorskip("peft")
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 5, max_norm=0.1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.emb(x)
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Model(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb"]))
+    lora_a = model.base_model.model.emb.lora_embedding_A["default"]
+    with torch.no_grad():
+        lora_a.normal_()
+    a0 = lora_a.detach().clone()
+    model(torch.tensor([1, 2]))
+    assert not torch.equal(lora_a, a0)  # F.embedding(max_norm=...) on lora_embedding_A.T, as loralib
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 4. Mixed precision: fp32 LoRA over a bf16 base
 
@@ -687,6 +708,18 @@ def test_torch_compile_fullgraph_has_no_graph_breaks_and_matches_eager():
     assert got.keys() == want.keys() and {"qkv.lora_A", "qkv.lora_B", "out.lora_B"} <= got.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k])
+
+
+@pytest.mark.parametrize("lora_dropout", [0.0, 0.1])
+def test_a_whole_model_pickles_deepcopies_and_torch_saves(lora_dropout):
+    model = _tiny(lora_dropout).eval()
+    x = torch.randn(2, 3, 8)
+    want = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model), torch.load(buf, weights_only=False)):
+        assert type(clone.qkv.lora_dropout) is type(model.qkv.lora_dropout) and torch.equal(clone(x), want)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

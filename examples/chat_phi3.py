@@ -40,8 +40,9 @@ def load(model: Path, adapter: Path | None, peft: Path | None, bf16: bool):
     return net.eval(), tokenizer
 
 
-def reply(net, tokenizer, messages: list[dict], args: argparse.Namespace, out=sys.stdout) -> str:
-    """Generate the assistant's next message, printing it as it streams; return it."""
+def reply(net, tokenizer, messages: list[dict], args: argparse.Namespace, out=None) -> str:
+    """Generate the assistant's next message, printing it (to ``out``, default stdout) as it streams; return it."""
+    out = out or sys.stdout
     ids = torch.tensor([encode_prompt(messages, tokenizer)], device=net.lm_head.weight.device)
     stream = StreamDecoder(tokenizer, skip_special_tokens=True)
     pieces: list[str] = []

@@ -1,0 +1,196 @@
+"""examples/finetune_phi3.py and examples/chat_phi3.py, end to end on a tiny random Phi-3 (CPU, seconds each)."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lora
+from lora.phi3 import ByteTokenizer, Phi3Config, Phi3ForCausalLM
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+WORLD_CHATS = EXAMPLES / "data" / "world_chat_train.jsonl"
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+finetune = _load_example("finetune_phi3")
+chat = _load_example("chat_phi3")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-phi3")
+    tok = ByteTokenizer()
+    config = Phi3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                        original_max_position_embeddings=512, bos_token_id=None, eos_token_id=tok.eos_token_id,
+                        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).save_pretrained(path)
+    tok.save(path / "tokenizer.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def chats(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "chats.jsonl"
+    path.write_text("".join(WORLD_CHATS.read_text().splitlines(keepends=True)[:48]))
+    return path
+
+
+def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--output_dir", str(out), "--max_steps", "6",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_steps", "3", "--save_steps", "2",
+            "--num_samples", "1", "--max_new_tokens", "4", *extra]
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_run_writes_every_output_and_learns(tiny_model, chats, tmp_path):
+    out = tmp_path / "run"
+    results = finetune.main(_args(tiny_model, chats, out, "--max_steps", "12", "--learning_rate", "5e-3", "--merge"))
+    for name in ("adapter.safetensors", "peft/adapter_model.safetensors", "peft/adapter_config.json",
+                 "config.json", "metrics.jsonl", "loss.png", "results.json", "merged/config.json",
+                 "merged/model.safetensors", "merged/tokenizer.json"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
+    assert all({"lr", "tokens_per_s"} <= r.keys() for r in rows if "loss" in r)
+    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
+    assert json.loads((out / "config.json").read_text())["lora_config"]["r"] == 16
+
+    # The merged model (HF layout) gives the logits of base + adapter.
+    merged = Phi3ForCausalLM.from_pretrained(out / "merged")
+    adapted = Phi3ForCausalLM.from_pretrained(tiny_model)
+    lora.load_lora(adapted, out / "adapter.safetensors")
+    ids = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_killed_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_path):
+    script = [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
+    full = subprocess.run(script + _args(tiny_model, chats, tmp_path / "a", "--max_steps", "7"), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "7", "--kill_after_step", "5"),
+                            capture_output=True, text=True)
+    assert killed.returncode == -9  # SIGKILL, right after step 5; the newest checkpoint is step 4
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
+    assert not (tmp_path / "b" / "adapter.safetensors").exists()
+    # A half-written checkpoint (crash during a save) is never picked up.
+    (tmp_path / "b" / "checkpoints" / ".tmp-step-0000006").mkdir()
+    resumed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "7", "--resume"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "step-0000004" in resumed.stdout
+    a, b = _tensors(tmp_path / "a" / "adapter.safetensors"), _tensors(tmp_path / "b" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # bit for bit on CPU
+    steps_a = [json.loads(line)["step"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    steps_b = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps_a == steps_b
+
+
+def test_torchrun_two_processes_match_one_process(tiny_model, chats, tmp_path):
+    common = ["--max_steps", "3", "--lora_dropout", "0", "--gradient_accumulation_steps", "2", "--save_steps", "100",
+              "--eval_steps", "100", "--num_samples", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                str(EXAMPLES / "finetune_phi3.py")]
+    ddp = subprocess.run(torchrun + _args(tiny_model, chats, tmp_path / "ddp", *common, "--per_device_train_batch_size", "2"),
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(EXAMPLES / "finetune_phi3.py")]
+                            + _args(tiny_model, chats, tmp_path / "one", *common, "--per_device_train_batch_size", "4"),
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    rows = {}
+    for name in ("ddp", "one"):
+        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for r_ddp, r_one in zip(rows["ddp"], rows["one"], strict=True):
+        assert r_ddp["loss"] == pytest.approx(r_one["loss"], rel=1e-5)  # same global batches, all ranks' tokens
+        assert r_ddp["grad_norm"] == pytest.approx(r_one["grad_norm"], rel=1e-4)
+    a, b = _tensors(tmp_path / "ddp" / "adapter.safetensors"), _tensors(tmp_path / "one" / "adapter.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-3)
+    # only rank 0 writes: one metrics line per step, one adapter
+    assert len(rows["ddp"]) == 3
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"training_config": {"learning_rate": 1e-4, "seed": 3}, "lora_config": {"r": 4}}))
+    args = finetune.parse_settings(["--config", str(cfg), "--seed", "7", "--qkv_slices", "q", "v"])
+    assert args.training_config["learning_rate"] == 1e-4  # from the file
+    assert args.training_config["seed"] == 7  # the flag wins over the file
+    assert args.lora_config["r"] == 4 and args.lora_config["qkv_slices"] == ["q", "v"]
+    assert args.lora_config["lora_alpha"] == finetune.lora_config["lora_alpha"]  # untouched default
+    assert finetune.training_config["learning_rate"] != 1e-4  # the module's defaults were not mutated
+
+
+@pytest.mark.parametrize("content, match", [
+    ({"training_config": {"learning_rte": 1}}, "learning_rte"),
+    ({"lora": {}}, "lora"),
+])
+def test_config_file_rejects_unknown_keys(tmp_path, content, match):
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=match):
+        finetune.parse_settings(["--config", str(cfg)])
+
+
+def test_bad_data_is_a_clear_error(tiny_model, chats, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(chats.read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(ValueError, match=r"bad\.jsonl.*2|2.*bad\.jsonl"):
+        finetune.main(_args(tiny_model, bad, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # nothing written before the data was read
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        finetune.main(_args(tiny_model, empty, tmp_path / "run"))
+
+
+def test_skip_malformed_counts_and_trains(tiny_model, chats, tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    data.write_text(chats.read_text() + "{broken\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    finetune.main(_args(tiny_model, data, tmp_path / "run", "--max_steps", "2", "--skip_malformed"))
+    out = capsys.readouterr().out
+    assert "1 malformed skipped" in out and "1 without an assistant turn skipped" in out
+
+
+def test_chat_script_streams_a_reply(tiny_model, chats, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(_args(tiny_model, chats, out, "--max_steps", "2"))
+    capsys.readouterr()
+    chat.main(["--model", str(tiny_model), "--adapter", str(out / "adapter.safetensors"), "--prompt", "Hi",
+               "--max_new_tokens", "5"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("> Hi\n")
+    # the streamed text is exactly what the adapted model generates greedily
+    net, tok = chat.load(tiny_model, out / "adapter.safetensors", None, bf16=False)
+    ids = torch.tensor([lora.phi3.encode_prompt([{"role": "user", "content": "Hi"}], tok)])
+    gen = net.generate(ids, 5, eos_token_id=list(tok.stop_token_ids))[0, ids.shape[1]:].tolist()
+    stop = next((i for i, t in enumerate(gen) if t in tok.stop_token_ids), len(gen))
+    assert printed.split("\n", 1)[1].rstrip("\n") == tok.decode(gen[:stop], skip_special_tokens=True)
+    # the PEFT export loads too
+    capsys.readouterr()
+    chat.main(["--model", str(tiny_model), "--peft", str(out / "peft"), "--prompt", "Hi", "--max_new_tokens", "5"])
+    assert capsys.readouterr().out == printed

@@ -170,7 +170,7 @@ class Phi3Attention(nn.Module):
         """x: (B, T, hidden) -> (B, T, hidden), and the layer's (key, value) cache when ``use_cache``."""
         b, t, _ = x.shape
         h, kv = self.num_heads, self.num_key_value_heads
-        qkv = self.qkv_proj(x).view(b, t, h + 2 * kv, self.head_dim)
+        qkv = self.qkv_proj(x).unflatten(-1, (h + 2 * kv, self.head_dim))  # (B, T, h + 2kv, head_dim)
         # q and k are the leading h + kv heads of the fused projection: rotate them in one go.
         qk = _apply_rotary(qkv[:, :, : h + kv], cos, sin)
         q = qk[:, :, :h].transpose(1, 2)  # (B, h, T, head_dim)
@@ -181,7 +181,7 @@ class Phi3Attention(nn.Module):
             v = torch.cat((past[1], v), dim=2)
         present = (k, v) if use_cache else None
 
-        gqa = {}
+        gqa: dict[str, bool] = {}
         if kv != h:
             if _SDPA_HAS_GQA:
                 gqa = {"enable_gqa": True}

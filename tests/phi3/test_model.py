@@ -360,6 +360,35 @@ def test_config_reads_transformers5_layout(tmp_path) -> None:
     assert Phi3Config.from_json_file(tmp_path / "config.json").rope_scaling is None
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    heads=st.sampled_from([1, 2, 4, 8]),
+    groups=st.sampled_from([1, 2, 4]),
+    head_dim=st.sampled_from([8, 16]),
+    rotary=st.sampled_from([0.5, 1.0]),
+    longrope=st.booleans(),
+    window=st.one_of(st.none(), st.integers(1, 4096)),
+    eos=st.one_of(st.integers(0, 99), st.lists(st.integers(0, 99), min_size=1, max_size=3)),
+    tied=st.booleans(),
+)
+def test_config_round_trips(heads, groups, head_dim, rotary, longrope, window, eos, tied) -> None:
+    n = int(head_dim * rotary) // 2
+    config = Phi3Config(
+        vocab_size=100,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // groups),
+        partial_rotary_factor=rotary,
+        rope_scaling=LongRoPEScaling(tuple(range(1, n + 1)), tuple([2.5] * n)) if longrope else None,
+        max_position_embeddings=8192,
+        sliding_window=window,
+        eos_token_id=eos,
+        tie_word_embeddings=tied,
+        pad_token_id=0,
+    )
+    assert Phi3Config.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -170,7 +170,8 @@ def test_projections_are_called_as_modules() -> None:
 
     _, ours = pair()
     for layer in ours.model.layers:
-        for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"), (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+        attn, mlp = layer.self_attn, layer.mlp
+        for parent, name in ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"), (mlp, "down_proj")):
             old = getattr(parent, name)
             new = Counting(old.in_features, old.out_features, bias=False)
             new.weight = old.weight
@@ -462,7 +463,8 @@ def test_checkpoint_errors(tmp_path) -> None:
     _, ours = pair()
     ours.save_pretrained(tmp_path, max_shard_size="200KB")
     first, second = tmp_path / "model-00001-of-00002.safetensors", tmp_path / "model-00002-of-00002.safetensors"
-    key = next(k for k, v in json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"].items() if v == second.name)
+    weight_map = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    key = next(k for k, v in weight_map.items() if v == second.name)
 
     second.rename(tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match=rf"{second.name}.*{key}"):

@@ -39,7 +39,9 @@ def preload(impl: str) -> None:
     if name in ("loralib", "peft"):
         __import__(name)
     if name in ("peft", "full", "transformers"):
-        __import__("transformers")
+        from transformers import Phi3Config, Phi3ForCausalLM  # noqa: F401  (transformers imports lazily)
+    if name == "peft":
+        from peft import LoraConfig, get_peft_model  # noqa: F401
 
 
 class Holder(nn.Module):

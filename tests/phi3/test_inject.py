@@ -157,3 +157,40 @@ def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lora.phi3.inject(model, **kwargs)
     assert not any(lora.is_lora_layer(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"fused": True}, {"qkv_slices": ("q", "v")}])
+def test_lora_step_matches_transformers(kwargs):
+    """Same base weights, same LoRA weights: our Phi-3 and transformers' give the same loss and LoRA gradients."""
+    from lora.phi3 import Phi3Config, Phi3ForCausalLM
+
+    config = {**TINY, "num_hidden_layers": 2, "sliding_window": 7,
+              "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+              "original_max_position_embeddings": 8, "max_position_embeddings": 64}
+    hf = hf_model(**config).train()
+    ours = Phi3ForCausalLM(Phi3Config.from_dict(config))
+    ours.load_state_dict(hf.state_dict(), strict=True)
+    ours.train()
+    for m in (hf, ours):
+        lora.phi3.inject(m, r=4, lora_dropout=0.0, **kwargs)
+    torch.manual_seed(3)
+    lora_hf = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                p.normal_(std=0.3)
+                lora_hf[name].copy_(p)
+    ids = torch.randint(3, 96, (2, 13))  # 13 > original_max_position_embeddings: LongRoPE's long factors
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+    labels = ids.masked_fill(mask == 0, -100)
+    out_hf = hf(input_ids=ids, attention_mask=mask, labels=labels)
+    out_ours = ours(ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(out_ours.logits, out_hf.logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out_ours.loss, out_hf.loss, atol=1e-5, rtol=0)
+    out_hf.loss.backward()
+    out_ours.loss.backward()
+    grads = [(n, p.grad, lora_hf[n].grad) for n, p in ours.named_parameters() if p.requires_grad]
+    assert len(grads) == 8 * TINY["num_hidden_layers"]
+    for name, g_ours, g_hf in grads:
+        torch.testing.assert_close(g_ours, g_hf, atol=1e-5, rtol=1e-4, msg=name)

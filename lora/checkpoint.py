@@ -318,7 +318,9 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True) ->
     Everything is checked before anything changes: a module the file names that ``model`` lacks, a base weight of
     another shape, another rank or slice layout, another number of layers, a tensor of the wrong shape, and (with
     ``strict``) LoRA layers in ``model`` that the file does not cover all go into one ``ValueError`` that lists
-    every mismatch, and ``model`` is left untouched. LoRA hyper-parameters (alpha, rsLoRA) are taken from the file.
+    every mismatch, and ``model`` is left untouched. LoRA hyper-parameters (alpha, rsLoRA) are taken from the file;
+    into LoRA layers already in place the tensors are copied in those layers' dtype. Modules are matched by exact
+    name (never by suffix, unlike :func:`lora.inject`).
     """
     path = Path(path)
     tensors, metadata = _read_safetensors(path)
@@ -471,7 +473,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     block-structured, and ``lora_alpha`` chosen so PEFT's ``lora_alpha / rank`` equals this layer's scaling.
     Ranks and alphas that differ between modules go in PEFT's ``rank_pattern`` / ``alpha_pattern``; with
     ``uniform_rank=True`` every module is zero-padded to the largest rank instead, for serving tools that read only
-    ``r`` and ``lora_alpha`` (vLLM). rsLoRA is folded into ``lora_alpha`` (the file says ``use_rslora: false``).
+    ``r`` and ``lora_alpha`` (vLLM, llama.cpp; see ``docs/formats.md``). rsLoRA is folded into ``lora_alpha`` (the file says ``use_rslora: false``).
     Layer options PEFT computes differently (grouped or dilated convolutions, ``padding_mode``, an embedding's
     ``max_norm``) are a ``ValueError`` before anything is written. Returns the config written.
     """

@@ -617,6 +617,43 @@ def test_export_peft_shapes_and_patterns(tmp_path):
     assert config["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
 
 
+def test_export_per_module_ranks_and_alphas_to_peft(tmp_path):
+    # Modules of one leaf name with different ranks/alphas get full-name pattern keys, anchored: PEFT matches keys as
+    # regexes "(.*\.)?(key)$" in file order, so a bare key "fc" would also give "blk.fc" the rank of "fc".
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc, self.blk = nn.Linear(4, 6), nn.Module()
+            self.blk.fc = nn.Linear(6, 5)
+            self.head1, self.head2 = nn.Linear(5, 5), nn.Linear(5, 5)
+
+        def forward(self, x):
+            return self.head2(self.head1(self.blk.fc(self.fc(x))))
+
+    model = Net()
+    lora.inject(model, ["head1", "head2"], r=3, lora_alpha=4)  # the most common (r, alpha): the config's default
+    model.fc = lora.Linear.from_module(model.fc, r=2, lora_alpha=3)
+    model.blk.fc = lora.Linear.from_module(model.blk.fc, r=5, lora_alpha=7, use_rslora=True)
+    randomize_lora(model)
+    config = lora.export_peft(model, tmp_path, task_type=None)
+    assert (config["r"], config["lora_alpha"]) == (3, 4)
+    assert list(config["rank_pattern"]) == ["^fc", "^blk\\.fc"]
+    theirs = peft.PeftModel.from_pretrained(Net(), str(tmp_path)).eval()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        diff = max_diff(theirs(x), model(x))
+    print(f"\nexport_peft -> PEFT [per-module ranks/alphas, suffix names]: max |diff| = {diff:.3g}")
+    assert diff <= PEFT_TOL
+    back = Net()
+    lora.import_peft(back, tmp_path)
+    assert (back.fc.r, back.blk.fc.r, back.head1.r) == (2, 5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=0, atol=1e-6)
+
+
 def test_transformers_load_adapter_reads_the_export(tmp_path):
     pytest.importorskip("peft")
     model = adapted_phi3(qkv_slices=("q", "v"))

@@ -245,7 +245,8 @@ def add_lora(model: nn.Module, impl: str, r: int = 16, lora_alpha: float = 32, l
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of ``ids: (B, T)``, through the model's own ``labels=`` path when it has one."""
     params = inspect.signature(model.forward).parameters
-    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in params else {}
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # PeftModel passes them on
+    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in params or takes_kwargs else {}
     if "labels" in params:
         out = model(ids, labels=ids, **kwargs)
         loss = getattr(out, "loss", None)

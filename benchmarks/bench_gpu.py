@@ -1,0 +1,156 @@
+"""GPU benchmark: one LoRA training step of real-size Phi-3-mini-4k (3.8B parameters, bf16, 2048 tokens), this
+library's Phi-3 + LoRA against transformers' Phi-3 (SDPA attention) + PEFT, both with gradient checkpointing.
+
+    python benchmarks/bench_gpu.py                    # one H100/H200; a few minutes; no network, no checkpoint file
+    python benchmarks/bench_gpu.py --tiny --device cpu   # a smoke test of the code path without a GPU
+
+Weights are random, built directly on the GPU; both models get the same weights and the same batch. A step is
+forward, loss, backward and AdamW over the LoRA parameters (r=16, alpha 32, dropout 0.05 on qkv/o/gate_up/down,
+fp32 adapters over the bf16 base in both libraries). Timing is interleaved (see _timing.py), with
+``torch.cuda.synchronize`` inside the clock.
+
+Model FLOPs per step (what MFU counts; the recomputation of gradient checkpointing is not counted, as usual):
+
+    tokens * (4 * N_base + 6 * N_lora) + 12 * L * d * S * tokens
+
+``N_base``: the frozen weights that multiply activations (every projection and ``lm_head``; the embedding lookup
+does no arithmetic). Each costs 2 FLOPs per token forward and 2 more backward for the input gradient; no weight
+gradient, hence 4 instead of full fine-tuning's 6. ``N_lora``: the adapters, trained, so 6 (forward, input and
+weight gradients). ``12 * L * d * S`` per token: attention scores and their product with V (``L`` layers, model
+width ``d``, sequence length ``S``) forward (4) and backward (8), counted without the causal half, as in PaLM
+(Chowdhery et al. 2022, appendix B). MFU divides by the card's dense bf16 peak: 989 TFLOP/s for an H100 SXM or
+H200, 756 for an H100 PCIe, 835 for an H100 NVL (NVIDIA datasheets); ``--peak-tflops`` for another card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+import torch
+
+import _impls
+import _timing
+from _timing import Row
+
+R, ALPHA, DROPOUT = 16, 32, 0.05
+TOKENS = 2048  # batch 1
+ROUNDS = 10
+WARMUP = 2
+STEP_TARGET = 0.80
+TINY = _impls.phi3_config_dict(hidden=256, layers=2, heads=4, intermediate=512, vocab=1024)
+TINY_TOKENS = 128
+BASELINE = "transformers+peft"
+
+
+def peak_tflops(name: str) -> float | None:
+    """Dense bf16 tensor-core peak (TFLOP/s) from NVIDIA's datasheets, for the cards this benchmark is meant for."""
+    if "H100" in name:
+        return 756.0 if "PCIe" in name else 835.0 if "NVL" in name else 989.0
+    if "H200" in name:
+        return 989.0
+    if "A100" in name:
+        return 312.0
+    return None
+
+
+def model_flops(cfg: dict[str, Any], tokens: int, seq: int, n_lora: int) -> float:
+    """FLOPs of one LoRA training step by the formula in the module docstring."""
+    h, inter, v, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["num_hidden_layers"]
+    qkv = h + 2 * cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    n_base = layers * (h * qkv + h * h + h * 2 * inter + inter * h) + v * h
+    return tokens * (4 * n_base + 6 * n_lora) + 12 * layers * h * seq * tokens
+
+
+def build(impl: str, cfg: dict[str, Any], device: str, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
+    """The model to train: ours + our LoRA, or transformers' + PEFT; ``weights`` (base, by name) copied in if given."""
+    model = _impls.ours_phi3(cfg, torch.bfloat16, device) if impl == "ours" else _impls.hf_phi3(cfg, torch.bfloat16, device)
+    if weights is not None:
+        missing, _ = model.load_state_dict(weights, strict=False)
+        missing = [k for k in missing if "rotary" not in k]
+        if missing:
+            raise RuntimeError(f"{impl}: weights missing after the copy: {missing[:5]}")
+    _impls.gradient_checkpointing(model)
+    return _impls.add_lora(model, "ours" if impl == "ours" else "peft", R, ALPHA, DROPOUT)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter for a smoke test with --tiny")
+    p.add_argument("--tiny", action="store_true", help="a tiny config: a smoke test, not a measurement")
+    p.add_argument("--tokens", type=int, default=None, help=f"sequence length, batch 1 (default {TOKENS})")
+    p.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds (default {ROUNDS})")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not recognised")
+    args = p.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False); nothing measured. "
+              "Run it on a machine with an NVIDIA GPU, or try the code path with --tiny --device cpu.")
+        return 0
+    if _impls.our_phi3()[0] is None or not _impls.have("peft"):
+        print(f"bench_gpu: needs this library's Phi-3 and PEFT: {_impls.our_phi3()[2] or 'peft is not installed'}")
+        return 0
+    cfg = TINY if args.tiny else _impls.PHI3_MINI
+    seq = args.tokens or (TINY_TOKENS if args.tiny else TOKENS)
+    sync: Callable[[], None] | None = torch.cuda.synchronize if cuda else None
+
+    print("## bench_gpu: Phi-3-mini LoRA training step, ours vs transformers + PEFT\n")
+    print(_timing.header(torch.bfloat16, args.device))
+    print(f"config: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
+          f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}{' (--tiny)' if args.tiny else ''}; batch 1 x {seq}; "
+          f"LoRA r={R}, alpha {ALPHA}, dropout {DROPOUT}; gradient checkpointing; AdamW; rounds {args.rounds}\n")
+
+    ids = torch.randint(0, cfg["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1)).to(args.device)
+    models: dict[str, torch.nn.Module] = {}
+    steps: dict[str, Callable[[], torch.Tensor]] = {}
+    first_loss: dict[str, float] = {}
+    peak_mb: dict[str, float | None] = {}
+    weights = None
+    for impl in ("ours", BASELINE):  # one at a time, so each one's peak is measured with the other at rest
+        print(f"building {impl} ...", file=sys.stderr, flush=True)
+        mem0 = torch.cuda.memory_allocated() if cuda else 0
+        models[impl] = build(impl, cfg, args.device, weights)
+        if weights is None:  # the base weights, by name, before anything trains
+            weights = {k: v for k, v in models[impl].state_dict().items() if "lora_" not in k}
+        steps[impl] = _impls.model_train_step(models[impl], ids)
+        first_loss[impl] = float(steps[impl]())
+        for _ in range(WARMUP - 1):
+            steps[impl]()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            steps[impl]()
+            torch.cuda.synchronize()
+            peak_mb[impl] = (torch.cuda.max_memory_allocated() - mem0) / 2**20
+        else:
+            peak_mb[impl] = None
+    del weights
+
+    print("timing ...", file=sys.stderr, flush=True)
+    times = _timing.interleaved(steps, args.rounds, warmup=0, sync=sync)
+    peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
+    rows = []
+    for impl in (BASELINE, "ours"):
+        n_lora = sum(p.numel() for p in models[impl].parameters() if p.requires_grad)
+        flops = model_flops(cfg, seq, seq, n_lora)
+        s = _timing.median_ms(times[impl]) / 1e3
+        stats = None if impl == BASELINE else _timing.ratio_stats(times, impl, BASELINE)
+        ours = impl == "ours"
+        met = None
+        if ours:
+            base_peak, our_peak = peak_mb[BASELINE], peak_mb["ours"]
+            met = stats.median <= STEP_TARGET and (base_peak is None or our_peak is None or our_peak <= base_peak)
+        rows.append(Row("Phi-3-mini LoRA step" + (" (tiny)" if args.tiny else ""), impl, stats, s * 1e3, peak_mb[impl],
+                        f"<= {STEP_TARGET:.2f}x, peak <= baseline's" if ours else "", met,
+                        {"tok/s": f"{seq / s:,.0f}", "LoRA params": f"{n_lora:,}", "TFLOP/step": f"{flops / 1e12:.2f}",
+                         "TFLOP/s": f"{flops / s / 1e12:.1f}", "MFU": f"{flops / s / 1e12 / peak:.1%}" if peak else "n/a",
+                         "first loss": f"{first_loss[impl]:.4f}"}))
+    print(_timing.markdown_table(rows, ["tok/s", "LoRA params", "TFLOP/step", "TFLOP/s", "MFU", "first loss"]))
+    print(f"\npeak MB: torch.cuda.max_memory_allocated during one step, minus what was allocated before the model was "
+          f"built; MFU against {peak or 'unknown'} TFLOP/s (formula in the module docstring)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .functional import fused_lora_linear
+
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "is_lora_layer"]
 
 
@@ -134,6 +136,19 @@ def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in fp32, or as it is if fp64: merge arithmetic never narrows a 64-bit tensor to fp32."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _fusable(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> bool:
+    """Whether :func:`lora.functional.fused_lora_linear` applies: one dtype throughout, no autocast (it picks its
+    own dtypes per op), not being traced by torch.compile (which fuses the plain ops itself)."""
+    return (x.dtype == weight.dtype == lora_A.dtype and x.device == weight.device
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+
+
+def _dropout_p(layer: nn.Module) -> float:
+    """The dropout probability the fused path must apply now (0 in eval mode)."""
+    d = layer.lora_dropout
+    return d.p if isinstance(d, nn.Dropout) and d.training else 0.0
 
 
 def _has_lora(layer: nn.Module) -> bool:
@@ -267,10 +282,14 @@ class Linear(nn.Linear):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
+        weight = self.weight.T if self.fan_in_fan_out else self.weight
         if self.merged or not _has_lora(self):
-            return result
+            return F.linear(x, weight, self.bias)
         A, B = self.lora_A, self.lora_B
+        if _fusable(x, self.weight, A):
+            return fused_lora_linear(x, weight.T, self.bias, A, B, self.scaling, _dropout_p(self),
+                                     ((0, self.out_features, 0, 0),), self.r)
+        result = F.linear(x, weight, self.bias)
         h = F.linear(self.lora_dropout(_lora_input(x, A)), A)  # (..., in) -> (..., r)
         return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
 
@@ -363,12 +382,15 @@ class MergedLinear(nn.Linear):
 
     reset_lora_parameters = Linear.reset_lora_parameters
 
+    def _blocks(self) -> list[tuple[int, int, int]]:
+        """``(row_start, rows, first row in lora_B)`` per enabled slice."""
+        starts_in_b = [sum(size for _, size in self.lora_slices[:i]) for i in range(len(self.lora_slices))]
+        return [(start, size, b_row) for (start, size), b_row in zip(self.lora_slices, starts_in_b)]
+
     def _slice_params(self):
         """Yield ``(row_start, rows, A_i: (r, in), B_i: (rows, r))`` per enabled slice."""
-        b_row = 0
-        for i, (start, size) in enumerate(self.lora_slices):
+        for i, (start, size, b_row) in enumerate(self._blocks()):
             yield start, size, self.lora_A[i * self.r:(i + 1) * self.r], self.lora_B[b_row:b_row + size]
-            b_row += size
 
     def delta_weight(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``; rows of disabled slices are zero."""
@@ -379,9 +401,14 @@ class MergedLinear(nn.Linear):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight.T if self.fan_in_fan_out else self.weight, self.bias)
+        weight = self.weight.T if self.fan_in_fan_out else self.weight
         if self.merged or not _has_lora(self):
-            return result
+            return F.linear(x, weight, self.bias)
+        if _fusable(x, self.weight, self.lora_A):
+            blocks = [(start, size, b_row, i * self.r) for i, (start, size, b_row) in enumerate(self._blocks())]
+            return fused_lora_linear(x, weight.T, self.bias, self.lora_A, self.lora_B, self.scaling,
+                                     _dropout_p(self), blocks, self.r)
+        result = F.linear(x, weight, self.bias)
         h = F.linear(self.lora_dropout(_lora_input(x, self.lora_A)), self.lora_A) * self.scaling  # (..., r * n)
         for i, (start, size, _, B_i) in enumerate(self._slice_params()):
             # (..., r) @ (r, size) -> (..., size), added in place into this slice's columns of the output

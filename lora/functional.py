@@ -1,0 +1,140 @@
+"""The LoRA linear computation as one fused autograd node, and a cheap exact dropout for it.
+
+``y = x W^T + b + scaling * dropout(x) A^T B^T`` costs, for rank ``r << in``, a few percent more arithmetic than the
+frozen layer, but written as separate torch ops it costs far more (PEFT and loralib measure 1.16-1.38x on a CPU):
+
+* every ``+`` of two ``(tokens, features)`` tensors is a full pass over memory, in the forward and again in the
+  backward where autograd sums the input's two gradients;
+* the dropout mask is one Bernoulli draw per input element (tens of milliseconds per 4096 x 3072 on a CPU,
+  a quarter of the frozen layer's time), and ``dropout(x)`` is a second copy of the input kept for the backward.
+
+Here the low-rank product is accumulated straight into the frozen layer's GEMM output (``addmm_``, forward) and into
+the input gradient (``addmm_``, backward), and dropout is computed from the *dropped* positions only: with
+probability ``p`` each element is dropped independently, so the gaps between dropped positions are geometric and
+``n * p`` random numbers place all of them (Knuth's method) instead of ``n``. The mask is never materialised:
+``dropout(x) A^T = (x A^T - x_dropped A^T) / (1 - p)`` where ``x_dropped`` has only the dropped entries, and the
+backward saves the input (already alive) plus the dropped positions (int32, ``4 p`` bytes per element).
+
+The result is the same distribution as ``nn.Dropout`` (an independent Bernoulli(p) per element, survivors scaled
+by ``1 / (1 - p)``), drawn from torch's default generator (so ``torch.manual_seed`` and ``get_rng_state`` /
+``set_rng_state`` reproduce it), but not the same random stream as ``nn.Dropout``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+__all__ = ["dropout_positions", "fused_lora_linear"]
+
+# (output column start, number of columns, first row of B, first row of A) for each adapted slice of the output.
+Block = tuple[int, int, int, int]
+
+
+def dropout_positions(n: int, p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Sorted flat positions in ``range(n)``, each included independently with probability ``p`` (int64).
+
+    Geometric gaps: ``gap = floor(log(u) / log(1 - p)) + 1`` with ``u`` uniform on (0, 1] has
+    ``P(gap >= k) = (1 - p) ** (k - 1)``, exactly the wait for the next success of a Bernoulli(p) sequence.
+    """
+    if not 0.0 < p < 1.0:
+        raise ValueError(f"p must be in (0, 1), got p={p!r}")
+    log_keep = math.log1p(-p)
+    chunks = []
+    last = -1.0  # position of the last drop so far (float64 holds integers exactly up to 2**53)
+    while True:
+        expected = (n - 1 - last) * p
+        m = int(expected + 6 * math.sqrt(expected) + 32)  # enough almost always; otherwise loop once more
+        u = 1.0 - torch.rand(m, dtype=torch.float64, device=device)  # (0, 1]
+        pos = last + torch.cumsum(torch.floor(torch.log(u) / log_keep) + 1, 0)
+        inside = pos[pos < n]
+        chunks.append(inside)
+        if inside.numel() < m:
+            break
+        last = float(pos[-1])
+    return torch.cat(chunks).to(torch.int64)
+
+
+class _FusedLoRALinear(torch.autograd.Function):
+    """x2: (N, in); weight_t: (in, out) (a view of W^T); A: (R, in); B: (rows, r); see :func:`fused_lora_linear`."""
+
+    @staticmethod
+    def forward(ctx, x2, weight_t, bias, A, B, scaling: float, p: float, blocks: tuple[Block, ...], r: int):
+        out = torch.addmm(bias, x2, weight_t) if bias is not None else x2 @ weight_t  # (N, in) @ (in, out)
+        h = x2 @ A.T  # (N, in) @ (in, R) -> (N, R)
+        pos = None
+        if p > 0:
+            flat = dropout_positions(x2.numel(), p, x2.device)
+            if flat.numel():
+                rows, cols = flat // x2.shape[1], flat % x2.shape[1]
+                # subtract what the dropped entries contributed: (K, 1) * (K, R) summed into their rows
+                h.index_add_(0, rows, x2.reshape(-1)[flat, None] * A.T[cols], alpha=-1)
+            h.mul_(1.0 / (1.0 - p))
+            pos = flat.to(torch.int32) if x2.numel() < 2**31 else flat
+        for start, size, b_row, a_row in blocks:
+            # (N, r) @ (r, size) accumulated into this slice's columns of the frozen layer's output
+            out[:, start:start + size].addmm_(h[:, a_row:a_row + r], B[b_row:b_row + size].T, alpha=scaling)
+        ctx.save_for_backward(x2, weight_t, A, B, h, pos)
+        ctx.scaling, ctx.p, ctx.blocks, ctx.r, ctx.has_bias = scaling, p, blocks, r, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, weight_t, A, B, h, pos = ctx.saved_tensors
+        s, p, r = ctx.scaling, ctx.p, ctx.r
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        g = g.contiguous()
+        gh = torch.empty(g.shape[0], A.shape[0], dtype=g.dtype, device=g.device)  # (N, R)
+        grad_B = torch.empty_like(B) if need_bb else None
+        for start, size, b_row, a_row in ctx.blocks:
+            g_slice = g[:, start:start + size]  # (N, size)
+            torch.mm(g_slice, B[b_row:b_row + size], out=gh[:, a_row:a_row + r])  # (N, size) @ (size, r)
+            if need_bb:
+                torch.mm(g_slice.T, h[:, a_row:a_row + r], out=grad_B[b_row:b_row + size])  # (size, N) @ (N, r)
+        gh.mul_(s)
+        if need_bb:
+            grad_B.mul_(s)
+        keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+        flat = pos.to(torch.int64) if pos is not None else None
+        grad_x = grad_A = None
+        if need_x:
+            grad_x = g @ weight_t.T  # (N, out) @ (out, in)
+            if flat is not None:
+                base_at_dropped = grad_x.reshape(-1)[flat]
+            grad_x.addmm_(gh, A, alpha=keep_scale)  # (N, R) @ (R, in)
+            if flat is not None:
+                grad_x.reshape(-1)[flat] = base_at_dropped  # dropped inputs get no LoRA gradient
+        if need_a:
+            grad_A = gh.T @ x2  # (R, N) @ (N, in)
+            if flat is not None and flat.numel():
+                rows, cols = flat // x2.shape[1], flat % x2.shape[1]
+                grad_A.index_add_(1, cols, (gh[rows] * x2.reshape(-1)[flat, None]).T, alpha=-1)
+            if p > 0:
+                grad_A.mul_(keep_scale)
+        grad_w = (x2.T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t
+        grad_bias = g.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def fused_lora_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    dropout_p: float,
+    blocks: Sequence[Block],
+    r: int,
+) -> torch.Tensor:
+    """``x @ weight_t + bias``, plus, for each block, ``scaling * dropout(x) @ A_i^T @ B_i^T`` in its columns.
+
+    x: (..., in); weight_t: (in, out); lora_A: (R, in) with ``A_i = lora_A[a_row:a_row + r]``; lora_B: (rows, r)
+    with ``B_i = lora_B[b_row:b_row + size]``. ``dropout_p > 0`` applies dropout to the LoRA input (pass 0 in eval
+    mode). All tensors must share one dtype and device. Returns (..., out).
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    out = _FusedLoRALinear.apply(x2, weight_t, bias, lora_A, lora_B, float(scaling), float(dropout_p), tuple(blocks), r)
+    return out.view(*x.shape[:-1], out.shape[-1])

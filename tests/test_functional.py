@@ -1,0 +1,127 @@
+"""lora.functional: the fused LoRA linear and its dropout, against the same math written with plain torch ops."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora
+from lora.functional import dropout_positions, fused_lora_linear
+
+
+def test_dropout_positions_are_bernoulli():
+    torch.manual_seed(0)
+    n, p = 400_000, 0.05
+    pos = dropout_positions(n, p)
+    assert pos.dtype == torch.int64 and bool((pos[1:] > pos[:-1]).all())  # sorted, no repeats
+    assert 0 <= int(pos[0]) and int(pos[-1]) < n
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(pos.numel() - n * p) < 6 * sd
+    # Independence: the gaps are geometric, so P(gap == 1) = p and the mean gap is 1 / p.
+    gaps = (pos[1:] - pos[:-1]).double()
+    assert abs(float((gaps == 1).double().mean()) - p) < 0.01
+    assert abs(float(gaps.mean()) - 1 / p) < 0.5
+    # Every region of the range is hit at the same rate (first and last tenth included).
+    counts = torch.bincount(pos * 10 // n, minlength=10).double()
+    assert float((counts - n * p / 10).abs().max()) < 6 * math.sqrt(n * p / 10)
+
+
+def test_dropout_positions_reproduce_from_the_seed():
+    torch.manual_seed(1)
+    a = dropout_positions(10_000, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout_positions(10_000, 0.3))
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0, -0.1])
+def test_dropout_positions_rejects_p(p):
+    with pytest.raises(ValueError, match="p="):
+        dropout_positions(10, p)
+
+
+def reference(x, W, b, A, B, s, p, blocks, r, state):
+    """The same computation with plain ops and an explicit mask, replaying the RNG from ``state``."""
+    mask = torch.ones(x.numel(), dtype=x.dtype)
+    if p > 0:
+        torch.set_rng_state(state)
+        mask[dropout_positions(x.numel(), p)] = 0
+    xd = x * mask.view_as(x) / (1 - p)
+    out = F.linear(x, W, b)
+    cols = []
+    for start, size, b_row, a_row in blocks:
+        upd = s * (xd @ A[a_row:a_row + r].T @ B[b_row:b_row + size].T)
+        cols.append(F.pad(upd, (start, W.shape[0] - start - size)))
+    return out + sum(cols)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    p=st.sampled_from([0.0, 0.1, 0.5]),
+    layout=st.sampled_from([((0, 6, 0, 0),), ((0, 4, 0, 0), (5, 1, 4, 2)), ((2, 2, 0, 0),)]),
+    lead=st.sampled_from([(3,), (2, 5), (1, 1, 4)]),
+    bias=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_fused_matches_reference_fp64(p, layout, lead, bias, seed):
+    torch.manual_seed(seed)
+    r = 2
+    rows = max(b_row + size for _, size, b_row, _ in layout)
+    x = torch.randn(*lead, 7, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True) if bias else None
+    A = torch.randn(r * len(layout), 7, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(rows, r, dtype=torch.float64, requires_grad=True)
+    state = torch.get_rng_state()
+    y = fused_lora_linear(x, W.T, b, A, B, 0.7, p, layout, r)
+    y_ref = reference(x, W, b, A, B, 0.7, p, layout, r, state)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    inputs = [t for t in (x, W, b, A, B) if t is not None]
+    for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, inputs, g)):
+        torch.testing.assert_close(got, want)
+
+
+def test_layers_use_the_fused_path_with_the_same_math():
+    """lora.Linear / MergedLinear in train mode with dropout equal the plain-op reference, gradients included."""
+    torch.manual_seed(0)
+    layer = lora.MergedLinear(8, 12, r=2, lora_alpha=3, lora_dropout=0.25, enable_lora=[True, False, True],
+                              split_sizes=(8, 2, 2)).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    state = torch.get_rng_state()
+    y = layer(x)
+    blocks = [(0, 8, 0, 0), (10, 2, 8, 2)]
+    y_ref = reference(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, 1.5, 0.25, blocks, 2, state)
+    torch.testing.assert_close(y, y_ref)
+    assert not torch.allclose(y, layer.eval()(x))  # dropout was really applied in train mode
+
+
+def _saved_bytes(layer, x) -> int:
+    """Bytes of distinct storages autograd keeps for the backward of ``layer(x)``, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    return sum(seen.values())
+
+
+def test_dropout_keeps_no_second_copy_of_the_input():
+    torch.manual_seed(0)
+    x = torch.randn(256, 512, requires_grad=True)
+    without = _saved_bytes(lora.Linear(512, 512, r=16, lora_dropout=0.0), x)
+    with_dropout = _saved_bytes(lora.Linear(512, 512, r=16, lora_dropout=0.05), x)
+    plain = _saved_bytes(torch.nn.Sequential(torch.nn.Dropout(0.05), torch.nn.Linear(512, 16)), x)
+    assert without >= x.numel() * 4  # the input itself is kept (for lora_A's gradient)
+    assert with_dropout <= 1.1 * without, (with_dropout, without)
+    assert plain > 1.2 * without  # what dropout(x) @ A^T with torch's own ops keeps: x's copy and a mask

@@ -192,13 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a seconds-long smoke run")
     p.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {ROUNDS}, quick {QUICK_ROUNDS})")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 with --quick)")
     p.add_argument("--cases", default=",".join(CASE_NAMES), help="comma-separated subset of: " + ", ".join(CASE_NAMES))
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
     p.add_argument("--shape-peaks", action="store_true", help="also measure each projection's peak (slow)")
     p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
     p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.quick and args.threads is None:
+        args.threads = 1  # tiny ops on a shared machine: OpenMP's barriers would dominate with more threads
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:

@@ -26,16 +26,16 @@ import json
 import math
 import os
 import re
-import secrets
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ._io import atomic_write
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, is_lora_layer
 from .utils import BIAS_MODES, lora_state_dict
 
@@ -49,36 +49,6 @@ _CONV_FIELDS = ("stride", "padding", "dilation", "groups", "padding_mode")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Writing files atomically
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file in ``path``'s directory, then rename it over ``path``.
-
-    A crash before the rename leaves any previous ``path`` intact and removes the temporary file; the rename itself
-    is atomic on POSIX. The result gets the permissions of a file created the ordinary way (umask): both
-    ``tempfile.mkstemp`` and safetensors' ``save_file`` create 0600 files, which would hide the adapter from a
-    server running as another user.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-    open(tmp, "xb").close()
-    try:
-        mode = os.stat(tmp).st_mode & 0o777  # 0o666 & ~umask, read without touching the process-wide umask
-        write(tmp)
-        os.chmod(tmp, mode)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX); not possible on Windows
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _json_value(v: Any) -> Any:
@@ -136,7 +106,7 @@ def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none") -> 
         "modules": json.dumps({n: _describe(m) for n, m in modules.items()}, sort_keys=True),
         "target_counts": json.dumps(dict(sorted(counts.items()))),
     }
-    _atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=metadata))
+    atomic_write(Path(path), lambda tmp: save_file(state, tmp, metadata=metadata))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -522,8 +492,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
     return config
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lora._io import atomic_write
 from lora.phi3.config import Phi3Config
 
 __all__ = ["CausalLMOutput", "KVCache", "Phi3ForCausalLM"]
@@ -578,13 +578,14 @@ class Phi3ForCausalLM(nn.Module):
             shard_bytes += size
 
         written = {CONFIG_NAME}
-        _atomic_write_text(path / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
+        _write_text(path / CONFIG_NAME, json.dumps(self.config.to_dict(), indent=2, sort_keys=True) + "\n")
         if len(shards) == 1:
             names = [WEIGHTS_NAME]
         else:
             names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         for name, shard in zip(names, shards):
-            _atomic_save_safetensors(shard, path / name)
+            # transformers refuses safetensors files without the "format" metadata
+            atomic_write(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
             written.add(name)
         if len(shards) > 1:
             index = {
@@ -594,7 +595,7 @@ class Phi3ForCausalLM(nn.Module):
                 },
                 "weight_map": {key: name for name, shard in zip(names, shards) for key in shard},
             }
-            _atomic_write_text(path / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
+            _write_text(path / WEIGHTS_INDEX_NAME, json.dumps(index, indent=2, sort_keys=True) + "\n")
             written.add(WEIGHTS_INDEX_NAME)
         for stale in path.iterdir():
             if stale.name not in written and (
@@ -639,23 +640,5 @@ def _parse_size(size: int | str) -> int:
     return value
 
 
-def _atomic_write_text(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _atomic_save_safetensors(tensors: dict[str, Tensor], target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt"})  # transformers refuses files without format metadata
-        os.replace(tmp, target)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def _write_text(target: Path, text: str) -> None:
+    atomic_write(target, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

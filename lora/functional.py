@@ -23,11 +23,12 @@ by ``1 / (1 - p)``), drawn from torch's default generator (so ``torch.manual_see
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 import torch
 
-__all__ = ["dropout_positions", "fused_lora_linear"]
+__all__ = ["dropout_positions", "fused_lora_linear", "fused_lora_conv"]
 
 # (output column start, number of columns, first row of B, first row of A) for each adapted slice of the output.
 Block = tuple[int, int, int, int]
@@ -57,6 +58,26 @@ def dropout_positions(n: int, p: float, device: torch.device | str = "cpu") -> t
     return torch.cat(chunks).to(torch.int64)
 
 
+def _dropped(x2: torch.Tensor, flat: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """The dropped entries of ``x2`` (N, in) as a sparse CSR matrix: (N, in), or its transpose (in, N).
+
+    ``flat`` holds sorted row-major positions, so the (N, in) matrix is CSR as it comes; the transpose needs the
+    entries re-sorted by column first (a stable sort of ``K`` keys, far cheaper than a dense pass over ``x2``).
+    """
+    n_rows, n_cols = x2.shape
+    rows, cols = flat // n_cols, flat % n_cols
+    values = x2.reshape(-1)[flat]
+    if transpose:
+        order = torch.argsort(cols.to(torch.int32), stable=True)
+        rows, cols, values = cols[order], rows[order], values[order]
+        n_rows, n_cols = n_cols, n_rows
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=x2.device)
+    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+    with warnings.catch_warnings():  # torch flags sparse CSR as beta; the SpMM used here is long established
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+
+
 class _FusedLoRALinear(torch.autograd.Function):
     """x2: (N, in); weight_t: (in, out) (a view of W^T); A: (R, in); B: (rows, r); see :func:`fused_lora_linear`."""
 
@@ -68,9 +89,8 @@ class _FusedLoRALinear(torch.autograd.Function):
         if p > 0:
             flat = dropout_positions(x2.numel(), p, x2.device)
             if flat.numel():
-                rows, cols = flat // x2.shape[1], flat % x2.shape[1]
-                # subtract what the dropped entries contributed: (K, 1) * (K, R) summed into their rows
-                h.index_add_(0, rows, x2.reshape(-1)[flat, None] * A.T[cols], alpha=-1)
+                # subtract what the dropped entries contributed: x_dropped (N, in, sparse) @ A^T (in, R)
+                h.sub_(_dropped(x2, flat, transpose=False) @ A.T)
             h.mul_(1.0 / (1.0 - p))
             pos = flat.to(torch.int32) if x2.numel() < 2**31 else flat
         for start, size, b_row, a_row in blocks:
@@ -109,8 +129,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         if need_a:
             grad_A = gh.T @ x2  # (R, N) @ (N, in)
             if flat is not None and flat.numel():
-                rows, cols = flat // x2.shape[1], flat % x2.shape[1]
-                grad_A.index_add_(1, cols, (gh[rows] * x2.reshape(-1)[flat, None]).T, alpha=-1)
+                grad_A.sub_((_dropped(x2, flat, transpose=True) @ gh).T)  # (in, N, sparse) @ (N, R) -> (in, R)
             if p > 0:
                 grad_A.mul_(keep_scale)
         grad_w = (x2.T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t
@@ -138,3 +157,61 @@ def fused_lora_linear(
     x2 = x.reshape(-1, x.shape[-1])
     out = _FusedLoRALinear.apply(x2, weight_t, bias, lora_A, lora_B, float(scaling), float(dropout_p), tuple(blocks), r)
     return out.view(*x.shape[:-1], out.shape[-1])
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+
+
+class _FusedLoRAConv(torch.autograd.Function):
+    """x: (N, in, *S); weight: (out, in, *k); A_w: (r, in, *k); B_w: (out, r, 1, ...); groups == 1.
+
+    The ``r`` filters of ``A`` ride along with the frozen layer's ``out`` filters in one convolution (a conv with
+    only ``r`` output channels runs far below the machine's peak), and the input gradient comes back through both
+    in one transposed convolution. Only ``A``'s filters get a weight gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A_w, B_w, scaling: float, stride, padding, dilation):
+        conv = _CONV[x.dim() - 2]
+        out_ch = weight.shape[0]
+        both = torch.cat([weight, A_w])  # (out + r, in, *k)
+        y = conv(x, both, None, stride, padding, dilation, 1)  # (N, out + r, *S')
+        h = y[:, out_ch:]  # (N, r, *S')
+        out = torch.add(y[:, :out_ch], conv(h, B_w), alpha=scaling)  # + the 1x1 conv (r -> out)
+        if bias is not None:
+            out += bias.view(1, -1, *([1] * (x.dim() - 2)))
+        ctx.save_for_backward(x, both, B_w, h)
+        ctx.conf = (scaling, stride, padding, dilation, out_ch, bias is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, both, B_w, h = ctx.saved_tensors
+        scaling, stride, padding, dilation, out_ch, has_bias = ctx.conf
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        conv = _CONV[x.dim() - 2]
+        g = g.contiguous()
+        spatial = list(range(2, g.dim()))
+        # dL/dh: the 1x1 conv's transpose, (N, out, *S') -> (N, r, *S')
+        gh = conv(g, B_w.transpose(0, 1)) * scaling
+        grad_B = None
+        if need_bb:  # sum over batch and positions of g_o * h_j -> (out, r), shaped like B_w
+            grad_B = (torch.einsum("no...,nj...->oj", g, h) * scaling).view_as(B_w)
+        args = dict(bias_sizes=None, stride=list(stride), padding=list(padding), dilation=list(dilation),
+                    transposed=False, output_padding=[0] * len(spatial), groups=1)
+        grad_x = grad_w = grad_A = None
+        if need_x:
+            grad_x = torch.ops.aten.convolution_backward(torch.cat([g, gh], 1), x, both, output_mask=[True, False, False],
+                                                         **args)[0]
+        if need_a:
+            grad_A = torch.ops.aten.convolution_backward(gh, x, both[out_ch:], output_mask=[False, True, False], **args)[1]
+        if need_w:
+            grad_w = torch.ops.aten.convolution_backward(g, x, both[:out_ch], output_mask=[False, True, False], **args)[1]
+        grad_bias = g.sum(dim=[0, *spatial]) if need_b and has_bias else None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+def fused_lora_conv(x, weight, bias, A_w, B_w, scaling: float, stride, padding, dilation) -> torch.Tensor:
+    """``conv(x, weight, bias) + scaling * conv1x1(conv(x, A_w), B_w)`` for an ungrouped conv with int padding
+    (apply non-zero padding modes to ``x`` first and pass ``padding=0``). No dropout: use the plain path for it."""
+    return _FusedLoRAConv.apply(x, weight, bias, A_w, B_w, float(scaling), tuple(stride), tuple(padding), tuple(dilation))

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import fused_lora_linear
+from .functional import fused_lora_conv, fused_lora_linear
 
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "is_lora_layer"]
 
@@ -565,9 +565,17 @@ class _ConvLoRA(nn.modules.conv._ConvNd):
         return self._conv(h, b, None, 1, 0, 1, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self._conv_forward(x, self.weight, self.bias)
         if self.merged or not _has_lora(self):
-            return result
+            return self._conv_forward(x, self.weight, self.bias)
+        if self.groups == 1 and not isinstance(self.padding, str) and _dropout_p(self) == 0 and _fusable(x, self.weight, self.lora_A):
+            padding = self.padding
+            if self.padding_mode != "zeros":
+                x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * len(padding)
+            ones = (1,) * len(self.kernel_size)
+            return fused_lora_conv(x, self.weight, self.bias, self.lora_A.view(self.r, -1, *self.kernel_size),
+                                   self.lora_B.view(self.out_channels, self.r, *ones), self.scaling, self.stride,
+                                   padding, self.dilation)
+        result = self._conv_forward(x, self.weight, self.bias)
         return result + self._lora_branch(x).to(result.dtype)
 
     merge = Linear.merge

@@ -125,3 +125,36 @@ def test_dropout_keeps_no_second_copy_of_the_input():
     assert without >= x.numel() * 4  # the input itself is kept (for lora_A's gradient)
     assert with_dropout <= 1.1 * without, (with_dropout, without)
     assert plain > 1.2 * without  # what dropout(x) @ A^T with torch's own ops keeps: x's copy and a mask
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    dims=st.sampled_from([1, 2, 3]),
+    kernel=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    mode=st.sampled_from(["zeros", "reflect", "circular", "replicate"]),
+    bias=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_fused_conv_matches_the_merged_weight_fp64(dims, kernel, stride, padding, dilation, mode, bias, seed):
+    """The fused conv path (groups=1, no dropout) equals a conv with W + delta, outputs and every gradient."""
+    if mode != "zeros" and padding == 0:
+        mode = "zeros"
+    torch.manual_seed(seed)
+    cls = {1: lora.Conv1d, 2: lora.Conv2d, 3: lora.Conv3d}[dims]
+    layer = cls(3, 5, kernel, r=2, lora_alpha=3, stride=stride, padding=padding, dilation=dilation,
+                padding_mode=mode, bias=bias).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    for p in layer.parameters():
+        p.requires_grad_(True)
+    x = torch.randn(2, 3, *([7] * dims), dtype=torch.float64, requires_grad=True)
+    y = layer(x)
+    y_ref = layer._conv_forward(x, layer.weight + layer.delta_weight(), layer.bias)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    inputs = [x, *layer.parameters()]
+    for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, inputs, g)):
+        torch.testing.assert_close(got, want)

@@ -82,11 +82,17 @@ class _FusedLoRALinear(torch.autograd.Function):
     """x2: (N, in); weight_t: (in, out) (a view of W^T); A: (R, in); B: (rows, r); see :func:`fused_lora_linear`."""
 
     @staticmethod
-    def forward(ctx, x2, weight_t, bias, A, B, scaling: float, p: float, blocks: tuple[Block, ...], r: int):
+    def forward(ctx, x2, weight_t, bias, A, B, scaling: float, p: float, blocks: tuple[Block, ...], r: int,
+                dense_mask: bool):
         out = torch.addmm(bias, x2, weight_t) if bias is not None else x2 @ weight_t  # (N, in) @ (in, out)
-        h = x2 @ A.T  # (N, in) @ (in, R) -> (N, R)
-        pos = None
-        if p > 0:
+        pos = mask = None
+        if p > 0 and dense_mask:
+            # On a GPU a dense mask is cheap to draw and the sparse path's host syncs are not: keep a bool mask.
+            x_dropped, mask = torch.native_dropout(x2, p, True)
+            h = x_dropped @ A.T  # (N, in) @ (in, R) -> (N, R)
+        else:
+            h = x2 @ A.T  # (N, in) @ (in, R) -> (N, R)
+        if p > 0 and not dense_mask:
             flat = dropout_positions(x2.numel(), p, x2.device)
             if flat.numel():
                 # subtract what the dropped entries contributed: x_dropped (N, in, sparse) @ A^T (in, R)
@@ -96,13 +102,13 @@ class _FusedLoRALinear(torch.autograd.Function):
         for start, size, b_row, a_row in blocks:
             # (N, r) @ (r, size) accumulated into this slice's columns of the frozen layer's output
             out[:, start:start + size].addmm_(h[:, a_row:a_row + r], B[b_row:b_row + size].T, alpha=scaling)
-        ctx.save_for_backward(x2, weight_t, A, B, h, pos)
+        ctx.save_for_backward(x2, weight_t, A, B, h, pos, mask)
         ctx.scaling, ctx.p, ctx.blocks, ctx.r, ctx.has_bias = scaling, p, blocks, r, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, g):
-        x2, weight_t, A, B, h, pos = ctx.saved_tensors
+        x2, weight_t, A, B, h, pos, mask = ctx.saved_tensors
         s, p, r = ctx.scaling, ctx.p, ctx.r
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g = g.contiguous()
@@ -121,20 +127,23 @@ class _FusedLoRALinear(torch.autograd.Function):
         grad_x = grad_A = None
         if need_x:
             grad_x = g @ weight_t.T  # (N, out) @ (out, in)
-            if flat is not None:
-                base_at_dropped = grad_x.reshape(-1)[flat]
-            grad_x.addmm_(gh, A, alpha=keep_scale)  # (N, R) @ (R, in)
-            if flat is not None:
-                grad_x.reshape(-1)[flat] = base_at_dropped  # dropped inputs get no LoRA gradient
+            if mask is not None:
+                grad_x.addcmul_(gh @ A, mask, value=keep_scale)  # dropped inputs get no LoRA gradient
+            else:
+                if flat is not None:
+                    base_at_dropped = grad_x.reshape(-1)[flat]
+                grad_x.addmm_(gh, A, alpha=keep_scale)  # (N, R) @ (R, in)
+                if flat is not None:
+                    grad_x.reshape(-1)[flat] = base_at_dropped  # dropped inputs get no LoRA gradient
         if need_a:
-            grad_A = gh.T @ x2  # (R, N) @ (N, in)
+            grad_A = gh.T @ (x2 * mask if mask is not None else x2)  # (R, N) @ (N, in)
             if flat is not None and flat.numel():
                 grad_A.sub_((_dropped(x2, flat, transpose=True) @ gh).T)  # (in, N, sparse) @ (N, R) -> (in, R)
             if p > 0:
                 grad_A.mul_(keep_scale)
         grad_w = (x2.T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t
         grad_bias = g.sum(0) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None, None
 
 
 def fused_lora_linear(
@@ -147,15 +156,22 @@ def fused_lora_linear(
     dropout_p: float,
     blocks: Sequence[Block],
     r: int,
+    dense_mask: bool | None = None,
 ) -> torch.Tensor:
     """``x @ weight_t + bias``, plus, for each block, ``scaling * dropout(x) @ A_i^T @ B_i^T`` in its columns.
 
     x: (..., in); weight_t: (in, out); lora_A: (R, in) with ``A_i = lora_A[a_row:a_row + r]``; lora_B: (rows, r)
     with ``B_i = lora_B[b_row:b_row + size]``. ``dropout_p > 0`` applies dropout to the LoRA input (pass 0 in eval
-    mode). All tensors must share one dtype and device. Returns (..., out).
+    mode). LoRA parameters of another dtype than ``x`` (fp32 over a bf16 base) are used in ``x``'s dtype, as
+    autocast would, and receive their gradients in their own dtype. ``dense_mask`` (default: on CUDA) draws an
+    ordinary dense dropout mask instead of the dropped positions. Returns (..., out).
     """
     x2 = x.reshape(-1, x.shape[-1])
-    out = _FusedLoRALinear.apply(x2, weight_t, bias, lora_A, lora_B, float(scaling), float(dropout_p), tuple(blocks), r)
+    if dense_mask is None:
+        dense_mask = x.is_cuda
+    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # no-ops when the dtypes already match
+    out = _FusedLoRALinear.apply(x2, weight_t, bias, A, B, float(scaling), float(dropout_p), tuple(blocks), r,
+                                 bool(dense_mask))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -17,7 +17,12 @@ Differences from loralib 0.1.2, on purpose:
   ``B @ A`` with ``A: (r, in_channels // groups * prod(kernel_size))`` and ``B: (out_channels, r)``, reshaped to the
   conv weight's shape (loralib's Conv2d uses ``r * k`` x ``in * k`` blocks instead).
 * ``Embedding`` honours ``padding_idx`` and applies ``max_norm`` out of place, never rescaling a parameter.
-* LoRA parameters over a bf16/fp16 base are kept in fp32 by default (as PEFT does); see ``lora_dtype``.
+* LoRA parameters over a bf16/fp16 base are kept in fp32 by default (as PEFT does); see ``lora_dtype``. Without
+  autocast, the fused paths (:mod:`lora.functional`) use them in the base's dtype and give them fp32 gradients,
+  as autocast would; under autocast (or torch.compile) the plain ops run.
+* Speed: ``Linear``/``MergedLinear`` accumulate the low-rank product into the frozen GEMM's output and draw dropout
+  from the dropped positions only; an ungrouped fp32 conv without dropout runs ``A``'s filters inside the frozen
+  convolution, so at init it equals the plain conv to within rounding (about 1e-7 relative), not bit for bit.
 """
 
 from __future__ import annotations
@@ -139,9 +144,11 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 def _fusable(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> bool:
-    """Whether :func:`lora.functional.fused_lora_linear` applies: one dtype throughout, no autocast (it picks its
-    own dtypes per op), not being traced by torch.compile (which fuses the plain ops itself)."""
-    return (x.dtype == weight.dtype == lora_A.dtype and x.device == weight.device
+    """Whether the fused autograd functions of :mod:`lora.functional` apply: the input in the base weight's dtype,
+    LoRA parameters in that dtype or fp32 (then used in the base's dtype, as autocast would: the LoRA term is
+    rounded to the base's precision when added to its output anyway), no autocast (it picks its own dtypes per
+    op), and not being traced by torch.compile (which fuses the plain ops itself)."""
+    return (x.dtype == weight.dtype and lora_A.dtype in (x.dtype, torch.float32) and x.device == weight.device
             and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
 
@@ -567,14 +574,18 @@ class _ConvLoRA(nn.modules.conv._ConvNd):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not _has_lora(self):
             return self._conv_forward(x, self.weight, self.bias)
-        if self.groups == 1 and not isinstance(self.padding, str) and _dropout_p(self) == 0 and _fusable(x, self.weight, self.lora_A):
+        # The fused conv runs the frozen filters inside a wider convolution; in 16-bit types the library may then
+        # pick another kernel and round differently, so an adapter at init would no longer equal its base exactly.
+        if (self.groups == 1 and not isinstance(self.padding, str) and _dropout_p(self) == 0
+                and x.dtype in (torch.float32, torch.float64) and _fusable(x, self.weight, self.lora_A)):
             padding = self.padding
             if self.padding_mode != "zeros":
                 x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * len(padding)
             ones = (1,) * len(self.kernel_size)
-            return fused_lora_conv(x, self.weight, self.bias, self.lora_A.view(self.r, -1, *self.kernel_size),
-                                   self.lora_B.view(self.out_channels, self.r, *ones), self.scaling, self.stride,
-                                   padding, self.dilation)
+            A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 adapters run in the base's dtype
+            return fused_lora_conv(x, self.weight, self.bias, A.view(self.r, -1, *self.kernel_size),
+                                   B.view(self.out_channels, self.r, *ones), self.scaling, self.stride, padding,
+                                   self.dilation)
         result = self._conv_forward(x, self.weight, self.bias)
         return result + self._lora_branch(x).to(result.dtype)
 

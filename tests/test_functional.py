@@ -158,3 +158,43 @@ def test_fused_conv_matches_the_merged_weight_fp64(dims, kernel, stride, padding
     inputs = [x, *layer.parameters()]
     for got, want in zip(torch.autograd.grad(y, inputs, g), torch.autograd.grad(y_ref, inputs, g)):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_dense_mask_variant_matches_reference_fp64(p):
+    """The dense-mask dropout (what runs on CUDA) against the plain-op math with the same mask."""
+    torch.manual_seed(0)
+    r, layout = 2, ((0, 4, 0, 0), (5, 1, 4, 2))
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 7, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, r, dtype=torch.float64, requires_grad=True)
+    state = torch.get_rng_state()
+    y = fused_lora_linear(x, W.T, None, A, B, 0.7, p, layout, r, dense_mask=True)
+    torch.set_rng_state(state)
+    xd = torch.native_dropout(x.detach(), p, True)[0] if p > 0 else x.detach()
+    keep = (xd != 0).double() if p > 0 else torch.ones_like(x)
+    xd_diff = x * keep / (1 - p)
+    y_ref = x @ W.T + sum(
+        F.pad(0.7 * xd_diff @ A[a:a + r].T @ B[b:b + size].T, (start, 6 - start - size)) for start, size, b, a in layout)
+    torch.testing.assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for got, want in zip(torch.autograd.grad(y, (x, W, A, B), g), torch.autograd.grad(y_ref, (x, W, A, B), g)):
+        torch.testing.assert_close(got, want)
+
+
+def test_fp32_adapter_over_bf16_base_runs_fused_in_bf16():
+    """fp32 LoRA parameters over a bf16 base: the fused path computes in bf16 (as autocast would) and the
+    parameters get fp32 gradients; the result is close to the fp64 math."""
+    torch.manual_seed(0)
+    layer = lora.Linear(32, 16, r=4, lora_alpha=8).to(torch.bfloat16)
+    layer.lora_A.data, layer.lora_B.data = layer.lora_A.float(), torch.randn(16, 4)
+    assert layer.lora_A.dtype == torch.float32 and layer.weight.dtype == torch.bfloat16
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    ref = (x.double() @ layer.weight.double().T + layer.bias.double()
+           + 2 * x.double() @ layer.lora_A.double().T @ layer.lora_B.double().T)
+    torch.testing.assert_close(y.double(), ref, atol=0.1, rtol=0.02)
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32

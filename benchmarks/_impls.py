@@ -217,8 +217,8 @@ def add_lora(model: nn.Module, impl: str, r: int = 16, lora_alpha: float = 32, l
     """
     if impl == "full":
         return model.requires_grad_(True)
-    if impl == "ours":
-        lora.phi3.inject(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
+    if impl in ("ours", "ours-fused"):  # per-slice qkv / gate_up (the default), or one LoRA per fused matrix
+        lora.phi3.inject(model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, fused=impl == "ours-fused")
         return model
     if impl == "peft":
         from peft import LoraConfig, get_peft_model

@@ -65,14 +65,15 @@ def model_flops(cfg: dict[str, Any], tokens: int, seq: int, n_lora: int) -> floa
 
 def build(impl: str, cfg: dict[str, Any], device: str, weights: dict[str, torch.Tensor] | None) -> torch.nn.Module:
     """The model to train: ours + our LoRA, or transformers' + PEFT; ``weights`` (base, by name) copied in if given."""
-    model = _impls.ours_phi3(cfg, torch.bfloat16, device) if impl == "ours" else _impls.hf_phi3(cfg, torch.bfloat16, device)
+    ours = impl.startswith("ours")
+    model = _impls.ours_phi3(cfg, torch.bfloat16, device) if ours else _impls.hf_phi3(cfg, torch.bfloat16, device)
     if weights is not None:
         missing, _ = model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if "rotary" not in k]
         if missing:
             raise RuntimeError(f"{impl}: weights missing after the copy: {missing[:5]}")
     _impls.gradient_checkpointing(model)
-    return _impls.add_lora(model, "ours" if impl == "ours" else "peft", R, ALPHA, DROPOUT)
+    return _impls.add_lora(model, impl if ours else "peft", R, ALPHA, DROPOUT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=None, help=f"sequence length, batch 1 (default {TOKENS})")
     p.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds (default {ROUNDS})")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not recognised")
+    p.add_argument("--profile", action="store_true", help="also print the top kernels of one step of each")
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -107,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     first_loss: dict[str, float] = {}
     peak_mb: dict[str, float | None] = {}
     weights = None
-    for impl in ("ours", BASELINE):  # one at a time, so each one's peak is measured with the other at rest
+    impls = ("ours", "ours-fused", BASELINE)  # ours-fused: one LoRA per fused matrix, PEFT's layout
+    for impl in impls:  # one at a time, so each one's peak is measured with the others at rest
         print(f"building {impl} ...", file=sys.stderr, flush=True)
         mem0 = torch.cuda.memory_allocated() if cuda else 0
         models[impl] = build(impl, cfg, args.device, weights)
@@ -131,15 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     times = _timing.interleaved(steps, args.rounds, warmup=0, sync=sync)
     peak = args.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
     rows = []
-    for impl in (BASELINE, "ours"):
+    for impl in (BASELINE, "ours", "ours-fused"):
         n_lora = sum(p.numel() for p in models[impl].parameters() if p.requires_grad)
         flops = model_flops(cfg, seq, seq, n_lora)
         s = _timing.median_ms(times[impl]) / 1e3
         stats = None if impl == BASELINE else _timing.ratio_stats(times, impl, BASELINE)
-        ours = impl == "ours"
+        ours = impl.startswith("ours")
         met = None
         if ours:
-            base_peak, our_peak = peak_mb[BASELINE], peak_mb["ours"]
+            base_peak, our_peak = peak_mb[BASELINE], peak_mb[impl]
             met = stats.median <= STEP_TARGET and (base_peak is None or our_peak is None or our_peak <= base_peak)
         rows.append(Row("Phi-3-mini LoRA step" + (" (tiny)" if args.tiny else ""), impl, stats, s * 1e3, peak_mb[impl],
                         f"<= {STEP_TARGET:.2f}x, peak <= baseline's" if ours else "", met,
@@ -147,6 +150,17 @@ def main(argv: list[str] | None = None) -> int:
                          "TFLOP/s": f"{flops / s / 1e12:.1f}", "MFU": f"{flops / s / 1e12 / peak:.1%}" if peak else "n/a",
                          "first loss": f"{first_loss[impl]:.4f}"}))
     print(_timing.markdown_table(rows, ["tok/s", "LoRA params", "TFLOP/step", "TFLOP/s", "MFU", "first loss"]))
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for impl in ("ours", BASELINE):
+            with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+                steps[impl]()
+                if sync:
+                    sync()
+            key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+            print(f"\n### profile of one step: {impl}\n")
+            print(prof.key_averages().table(sort_by=key, row_limit=15))
     print(f"\npeak MB: torch.cuda.max_memory_allocated during one step, minus what was allocated before the model was "
           f"built; MFU against {peak or 'unknown'} TFLOP/s (formula in the module docstring)")
     return 0

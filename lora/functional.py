@@ -58,6 +58,11 @@ def dropout_positions(n: int, p: float, device: torch.device | str = "cpu") -> t
     return torch.cat(chunks).to(torch.int64)
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """16-bit floats as fp32: sparse CSR products have no bf16/fp16 kernels on every backend."""
+    return t.float() if t.element_size() < 4 else t
+
+
 def _dropped(x2: torch.Tensor, flat: torch.Tensor, transpose: bool) -> torch.Tensor:
     """The dropped entries of ``x2`` (N, in) as a sparse CSR matrix: (N, in), or its transpose (in, N).
 
@@ -66,7 +71,7 @@ def _dropped(x2: torch.Tensor, flat: torch.Tensor, transpose: bool) -> torch.Ten
     """
     n_rows, n_cols = x2.shape
     rows, cols = flat // n_cols, flat % n_cols
-    values = x2.reshape(-1)[flat]
+    values = _wide(x2.reshape(-1)[flat])
     if transpose:
         order = torch.argsort(cols.to(torch.int32), stable=True)
         rows, cols, values = cols[order], rows[order], values[order]
@@ -96,7 +101,7 @@ class _FusedLoRALinear(torch.autograd.Function):
             flat = dropout_positions(x2.numel(), p, x2.device)
             if flat.numel():
                 # subtract what the dropped entries contributed: x_dropped (N, in, sparse) @ A^T (in, R)
-                h.sub_(_dropped(x2, flat, transpose=False) @ A.T)
+                h.sub_((_dropped(x2, flat, transpose=False) @ _wide(A.T)).to(h.dtype))
             h.mul_(1.0 / (1.0 - p))
             pos = flat.to(torch.int32) if x2.numel() < 2**31 else flat
         for start, size, b_row, a_row in blocks:
@@ -138,7 +143,8 @@ class _FusedLoRALinear(torch.autograd.Function):
         if need_a:
             grad_A = gh.T @ (x2 * mask if mask is not None else x2)  # (R, N) @ (N, in)
             if flat is not None and flat.numel():
-                grad_A.sub_((_dropped(x2, flat, transpose=True) @ gh).T)  # (in, N, sparse) @ (N, R) -> (in, R)
+                # (in, N, sparse) @ (N, R) -> (in, R)
+                grad_A.sub_((_dropped(x2, flat, transpose=True) @ _wide(gh)).T.to(grad_A.dtype))
             if p > 0:
                 grad_A.mul_(keep_scale)
         grad_w = (x2.T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t

@@ -198,3 +198,19 @@ def test_fp32_adapter_over_bf16_base_runs_fused_in_bf16():
     torch.testing.assert_close(y.double(), ref, atol=0.1, rtol=0.02)
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sparse_dropout_path_in_16_bit(dtype):
+    """The sparse-CSR dropout correction runs for 16-bit inputs too (computed in fp32) and matches fp64 math."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 16, dtype=torch.float64)
+    W, A, B = torch.randn(8, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    state = torch.get_rng_state()
+    low = [t.to(dtype).requires_grad_() for t in (x, W, A, B)]
+    y = fused_lora_linear(low[0], low[1].T, None, low[2], low[3], 0.5, 0.3, ((0, 8, 0, 0),), 2, dense_mask=False)
+    y.float().sum().backward()
+    ref = reference(low[0].double(), low[1].double(), None, low[2].double(), low[3].double(), 0.5, 0.3,
+                    ((0, 8, 0, 0),), 2, state)
+    torch.testing.assert_close(y.double(), ref, atol=0.15, rtol=0.05)
+    assert all(t.grad is not None and t.grad.dtype == dtype for t in low)

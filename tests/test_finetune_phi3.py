@@ -193,3 +193,33 @@ def test_chat_script_streams_a_reply(tiny_model, chats, tmp_path, capsys):
     capsys.readouterr()
     chat.main(["--model", str(tiny_model), "--peft", str(out / "peft"), "--prompt", "Hi", "--max_new_tokens", "5"])
     assert capsys.readouterr().out == printed
+
+
+def test_real_checkpoint_layout_with_hf_tokenizer(tmp_path, chats, phi3_like_tokenizer):
+    """A directory as the Hub ships Phi-3: config.json, sharded model-0000k-of-0000n.safetensors with an index
+    (written by transformers itself), tokenizer.json for the `tokenizers` package. The run trains, and its PEFT
+    export loads onto transformers' model with PEFT and gives our adapted logits."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model_dir = tmp_path / "phi3-like"
+    model_dir.mkdir()
+    phi3_like_tokenizer(model_dir)
+    from lora.phi3 import load_tokenizer
+
+    vocab = load_tokenizer(model_dir).vocab_size
+    torch.manual_seed(0)
+    config = transformers.Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    hf = transformers.Phi3ForCausalLM(config)
+    hf.save_pretrained(model_dir, max_shard_size="40KB")
+    assert (model_dir / "model.safetensors.index.json").is_file() and len(list(model_dir.glob("model-*.safetensors"))) >= 2
+
+    out = tmp_path / "run"
+    finetune.main(_args(model_dir, chats, out, "--max_steps", "3"))
+    base = transformers.Phi3ForCausalLM.from_pretrained(model_dir).eval()
+    with_adapter = peft.PeftModel.from_pretrained(base, out / "peft").eval()
+    ours = Phi3ForCausalLM.from_pretrained(model_dir)
+    lora.load_lora(ours, out / "adapter.safetensors")
+    ids = torch.randint(3, vocab, (2, 12))
+    torch.testing.assert_close(with_adapter(input_ids=ids).logits, ours.eval()(ids).logits, atol=1e-5, rtol=0)

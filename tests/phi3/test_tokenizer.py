@@ -21,46 +21,9 @@ from lora.phi3.tokenizer import (
 TEMPLATE = "<|system|>\nBe brief.<|end|>\n<|user|>\nthe cat<|end|>\n<|assistant|>\nhe is here<|end|>\n<|endoftext|>"
 
 
-def write_phi3_like_tokenizer(directory: Path) -> Path:
-    """A tiny SentencePiece-style BPE laid out like Phi-3-mini's tokenizer.json, built with `tokenizers` itself.
-
-    Like the real file: byte fallback (<0xNN> pieces), a normalizer that prepends "▁" and maps spaces to "▁", a
-    decoder that strips one leading space, a post-processor that adds <s>, and the chat tokens as special added
-    tokens in Phi-3's order, all but <|endoftext|> with rstrip=True. The ids differ from Phi-3's on purpose.
-    """
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import AddedToken, decoders, models, normalizers, processors
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for b in range(256):
-        vocab[f"<0x{b:02X}>"] = len(vocab)
-    for ch in "▁abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "a"), ("i", "s"), ("▁", "c")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    tok = tokenizers.Tokenizer(
-        models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
-    )
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence(
-        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
-    )
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
-    phi3_order = ["<|endoftext|>", "<|assistant|>", "<|placeholder1|>", "<|placeholder2|>", "<|system|>"]
-    phi3_order += ["<|end|>", "<|placeholder3|>", "<|user|>"]
-    tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False, rstrip=t != "<|endoftext|>") for t in phi3_order]
-    )
-    path = directory / "tokenizer.json"
-    tok.save(str(path))
-    return path
-
-
 @pytest.fixture(scope="module")
-def hf_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_phi3_like_tokenizer(tmp_path_factory.mktemp("phi3_like"))
+def hf_path(tmp_path_factory: pytest.TempPathFactory, phi3_like_tokenizer) -> Path:
+    return phi3_like_tokenizer(tmp_path_factory.mktemp("phi3_like"))
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +107,8 @@ def test_hf_reads_ids_from_the_file(hf: HFTokenizer, hf_path: Path) -> None:
     assert hf.vocab_size == raw.get_vocab_size(with_added_tokens=True)
 
 
-def test_hf_bos_and_pad_from_tokenizer_config(tmp_path: Path) -> None:
-    path = write_phi3_like_tokenizer(tmp_path)
+def test_hf_bos_and_pad_from_tokenizer_config(tmp_path: Path, phi3_like_tokenizer) -> None:
+    path = phi3_like_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "pad_token": {"content": "<|placeholder1|>"}})
     )

@@ -581,11 +581,9 @@ class _ConvLoRA(nn.modules.conv._ConvNd):
             padding = self.padding
             if self.padding_mode != "zeros":
                 x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * len(padding)
-            ones = (1,) * len(self.kernel_size)
             A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 adapters run in the base's dtype
-            return fused_lora_conv(x, self.weight, self.bias, A.view(self.r, -1, *self.kernel_size),
-                                   B.view(self.out_channels, self.r, *ones), self.scaling, self.stride, padding,
-                                   self.dilation)
+            return fused_lora_conv(x, self.weight, self.bias, A.view(self.r, -1, *self.kernel_size), B,
+                                   self.scaling, self.stride, padding, self.dilation)
         result = self._conv_forward(x, self.weight, self.bias)
         return result + self._lora_branch(x).to(result.dtype)
 

@@ -378,15 +378,7 @@ class MergedLinear(nn.Linear):
             n_rows = sum(size for _, size in self.lora_slices)
             _new_lora_params(self, (r * len(self.lora_slices), in_features), (n_rows, r), lora_dtype)
 
-    @classmethod
-    def from_module(cls, base: nn.Linear, **lora_kwargs: Any) -> "MergedLinear":
-        """Wrap ``base``, adopting its weight and bias objects (no copy, no re-initialisation of the base)."""
-        if lora_kwargs.get("fan_in_fan_out"):
-            raise ValueError("from_module wraps an nn.Linear, whose weight is (out, in): fan_in_fan_out must be False")
-        layer = cls(base.in_features, base.out_features, bias=base.bias is not None, device="meta",
-                    dtype=base.weight.dtype, **lora_kwargs)
-        return _adopt(layer, base)
-
+    from_module = classmethod(Linear.from_module.__func__)  # same body: build on meta, adopt base's weight
     reset_lora_parameters = Linear.reset_lora_parameters
 
     def _blocks(self) -> list[tuple[int, int, int]]:

@@ -67,3 +67,25 @@ def test_pretraining_is_reproducible_from_the_seed(tmp_path):
     a = Phi3ForCausalLM.from_pretrained(tmp_path / "a").state_dict()
     b = Phi3ForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_writing_to_loaded_weights_never_touches_the_checkpoint_file(tmp_path):
+    """from_pretrained's tensors may read from the file's memory mapping; merging into them must not write it."""
+    import hashlib
+    import shutil
+
+    import lora
+
+    shutil.copytree(MODEL, tmp_path / "m")
+    path = tmp_path / "m" / "model.safetensors"
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = Phi3ForCausalLM.from_pretrained(tmp_path / "m")
+    lora.phi3.inject(model, r=4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_()
+        model.model.norm.weight.add_(1.0)
+    lora.merge_lora(model)
+    del model
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before

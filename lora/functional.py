@@ -59,8 +59,9 @@ def dropout_positions(n: int, p: float, device: torch.device | str = "cpu") -> t
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
-    """16-bit floats as fp32: sparse CSR products have no bf16/fp16 kernels on every backend."""
-    return t.float() if t.element_size() < 4 else t
+    """``t`` in fp32, or as it is if fp64: merge arithmetic never narrows a 64-bit tensor, and sparse CSR products
+    have no bf16/fp16 kernels on every backend."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _dropped(x2: torch.Tensor, flat: torch.Tensor, transpose: bool) -> torch.Tensor:

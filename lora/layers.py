@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .functional import fused_lora_conv, fused_lora_linear
+from .functional import _wide, fused_lora_conv, fused_lora_linear  # _wide: fp32, or fp64 if it is
 
 __all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "is_lora_layer"]
 
@@ -136,11 +136,6 @@ def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
     if x.dtype != lora_param.dtype and not torch.is_autocast_enabled(x.device.type):
         return x.to(lora_param.dtype)
     return x
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in fp32, or as it is if fp64: merge arithmetic never narrows a 64-bit tensor to fp32."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _fusable(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> bool:

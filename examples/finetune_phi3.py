@@ -228,10 +228,12 @@ def replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, ba
 
 
 def qa_accuracy(model, tokenizer, qa: list[dict], cfg: dict, device) -> tuple[dict[str, float], list[str]]:
-    """Exact match (reply == reference reply) and answer match (the reference ``answer`` appears in the reply)."""
-    prompts = [[m for m in q["messages"] if m["role"] != "assistant"] for q in qa]
+    """Exact match (reply == the conversation's last assistant message) and answer match (the record's ``answer``
+    appears in the reply); the prompt is everything before that last assistant message."""
+    last = [max(i for i, m in enumerate(q["messages"]) if m["role"] == "assistant") for q in qa]
+    prompts = [q["messages"][:i] for q, i in zip(qa, last)]
     got = replies(model, tokenizer, prompts, cfg["max_new_tokens"], cfg["per_device_eval_batch_size"], device)
-    reference = [next(m["content"] for m in q["messages"] if m["role"] == "assistant").strip() for q in qa]
+    reference = [q["messages"][i]["content"].strip() for q, i in zip(qa, last)]
     exact = sum(g == r for g, r in zip(got, reference)) / len(qa)
     answer = sum(q["answer"] in g for q, g in zip(qa, got)) / len(qa)
     return {"exact_match": exact, "answer_match": answer}, got
@@ -363,7 +365,9 @@ def main(argv: list[str] | None = None) -> dict:
         (run / "metrics.jsonl").write_text("")
         (run / "config.json").write_text(json.dumps(results["settings"], indent=2, default=str) + "\n")
 
-    sample_prompts = [[m for m in c if m["role"] != "assistant"][:2] for c in eval_convs[: cfg["num_samples"]]]
+    # each sample: the conversation up to its first assistant turn (system prompt, if any, and the first question)
+    sample_prompts = [c[:next(i for i, m in enumerate(c) if m["role"] == "assistant")]
+                      for c in eval_convs[: cfg["num_samples"]]]
     if is_main and not args.resume:
         results["before"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
         report("before training", results["before"], say)

@@ -234,9 +234,11 @@ def qa_accuracy(model, tokenizer, qa: list[dict], cfg: dict, device) -> tuple[di
     prompts = [q["messages"][:i] for q, i in zip(qa, last)]
     got = replies(model, tokenizer, prompts, cfg["max_new_tokens"], cfg["per_device_eval_batch_size"], device)
     reference = [q["messages"][i]["content"].strip() for q, i in zip(qa, last)]
-    exact = sum(g == r for g, r in zip(got, reference)) / len(qa)
-    answer = sum(q["answer"] in g for q, g in zip(qa, got)) / len(qa)
-    return {"exact_match": exact, "answer_match": answer}, got
+    scores = {"exact_match": sum(g == r for g, r in zip(got, reference)) / len(qa)}
+    with_answer = [(q["answer"], g) for q, g in zip(qa, got) if isinstance(q.get("answer"), str)]
+    if with_answer:
+        scores["answer_match"] = sum(a in g for a, g in with_answer) / len(with_answer)
+    return scores, got
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -457,7 +459,9 @@ def evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device) -> di
 def report(when: str, r: dict, say) -> None:
     line = f"{when}: eval loss (assistant tokens) {r['eval_loss']:.4f}" if r["eval_loss"] is not None else when
     if "qa" in r:
-        line += f"; held-out questions: exact match {r['qa']['exact_match']:.1%}, answer match {r['qa']['answer_match']:.1%}"
+        line += f"; held-out questions: exact match {r['qa']['exact_match']:.1%}"
+        if "answer_match" in r["qa"]:
+            line += f", answer match {r['qa']['answer_match']:.1%}"
     say(line)
 
 

@@ -67,21 +67,24 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 def _dropped(x2: torch.Tensor, flat: torch.Tensor, transpose: bool) -> torch.Tensor:
     """The dropped entries of ``x2`` (N, in) as a sparse CSR matrix: (N, in), or its transpose (in, N).
 
-    ``flat`` holds sorted row-major positions, so the (N, in) matrix is CSR as it comes; the transpose needs the
-    entries re-sorted by column first (a stable sort of ``K`` keys, far cheaper than a dense pass over ``x2``).
+    ``flat`` holds sorted row-major positions, so the (N, in) matrix is CSR as it comes (row starts by binary
+    search); the transpose needs the entries re-sorted by column first (a stable sort of ``K`` keys, far cheaper
+    than a dense pass over ``x2``).
     """
     n_rows, n_cols = x2.shape
-    rows, cols = flat // n_cols, flat % n_cols
+    cols = flat % n_cols
     values = _wide(x2.reshape(-1)[flat])
     if transpose:
-        order = torch.argsort(cols.to(torch.int32), stable=True)
-        rows, cols, values = cols[order], rows[order], values[order]
-        n_rows, n_cols = n_cols, n_rows
-    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=x2.device)
-    crow[1:] = torch.bincount(rows, minlength=n_rows).cumsum(0)
+        sorted_cols, order = torch.sort(cols, stable=True)
+        crow = torch.searchsorted(sorted_cols, torch.arange(n_cols + 1, device=x2.device, dtype=flat.dtype))
+        shape, col_index, values = (n_cols, n_rows), (flat // n_cols)[order], values[order]
+    else:
+        starts = torch.arange(n_rows + 1, device=x2.device, dtype=flat.dtype) * n_cols
+        crow = torch.searchsorted(flat, starts)
+        shape, col_index = (n_rows, n_cols), cols
     with warnings.catch_warnings():  # torch flags sparse CSR as beta; the SpMM used here is long established
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, cols, values, (n_rows, n_cols), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col_index, values, shape, check_invariants=False)
 
 
 class _FusedLoRALinear(torch.autograd.Function):
@@ -100,11 +103,13 @@ class _FusedLoRALinear(torch.autograd.Function):
             h = x2 @ A.T  # (N, in) @ (in, R) -> (N, R)
         if p > 0 and not dense_mask:
             flat = dropout_positions(x2.numel(), p, x2.device)
+            if x2.numel() < 2**31:  # int32 positions: half the memory kept for the backward, faster index math
+                flat = flat.to(torch.int32)
             if flat.numel():
                 # subtract what the dropped entries contributed: x_dropped (N, in, sparse) @ A^T (in, R)
                 h.sub_((_dropped(x2, flat, transpose=False) @ _wide(A.T)).to(h.dtype))
             h.mul_(1.0 / (1.0 - p))
-            pos = flat.to(torch.int32) if x2.numel() < 2**31 else flat
+            pos = flat
         for start, size, b_row, a_row in blocks:
             # (N, r) @ (r, size) accumulated into this slice's columns of the frozen layer's output
             out[:, start:start + size].addmm_(h[:, a_row:a_row + r], B[b_row:b_row + size].T, alpha=scaling)
@@ -129,7 +134,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         if need_bb:
             grad_B.mul_(s)
         keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
-        flat = pos.to(torch.int64) if pos is not None else None
+        flat = pos
         grad_x = grad_A = None
         if need_x:
             grad_x = g @ weight_t.T  # (N, out) @ (out, in)

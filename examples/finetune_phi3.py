@@ -432,7 +432,8 @@ def main(argv: list[str] | None = None) -> dict:
         metrics.close()
         save_weights(model, run, cfg)
         if not cfg["full_finetune"]:
-            lora.export_peft(model, run / "peft", base_model_name_or_path=str(args.model))
+            # One rank for every module (zero-padded): serving tools such as vLLM read only r and lora_alpha.
+            lora.export_peft(model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True)
         results["after"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
         report("after training", results["after"], say)
         if "before" in results:

@@ -19,6 +19,7 @@ millisecond instead (it can miss a short spike), and the report says so.
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import gc
 import json
@@ -329,3 +330,23 @@ def optional_import(name: str):
         return __import__(name)
     except ImportError:
         return None
+
+
+def add_common_args(p: argparse.ArgumentParser, rounds: int, quick_rounds: int, cases: Sequence[str]) -> None:
+    """The flags every layer/model benchmark script takes (bench_layers.py, bench_phi3.py)."""
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a seconds-long smoke run")
+    p.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {rounds}, quick {quick_rounds})")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 with --quick)")
+    p.add_argument("--cases", default=",".join(cases), help="comma-separated subset of: " + ", ".join(cases))
+    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
+    p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+
+
+def apply_common_args(args: argparse.Namespace, rounds: int, quick_rounds: int) -> None:
+    """Thread count and round count from the common flags."""
+    if args.quick and args.threads is None:
+        args.threads = 1  # tiny ops on a shared machine: OpenMP's barriers would dominate with more threads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.rounds = args.rounds or (quick_rounds if args.quick else rounds)

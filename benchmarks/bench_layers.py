@@ -195,25 +195,14 @@ def _child_flags(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a seconds-long smoke run")
-    p.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {ROUNDS}, quick {QUICK_ROUNDS})")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 with --quick)")
-    p.add_argument("--cases", default=",".join([*CASES, "saved"]), help="comma-separated subset of: "
-                   + ", ".join([*CASES, "saved"]))
-    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
-    p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    _timing.add_common_args(p, ROUNDS, QUICK_ROUNDS, [*CASES, "saved"])
     args = p.parse_args(argv)
-    if args.quick and args.threads is None:
-        args.threads = 1  # tiny ops on a shared machine: OpenMP's barriers would dominate with more threads
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
     if args.child:
         case, impl = args.child
         _impls.preload(impl)
         _timing.child_report(lambda: CASES[case].build(impl, args.quick))
         return 0
-    args.rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = set(wanted) - set(CASES) - {"saved"}
     if unknown:

@@ -190,19 +190,10 @@ CASE_NAMES = ["shapes", "small_step", "full_step"]
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a seconds-long smoke run")
-    p.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {ROUNDS}, quick {QUICK_ROUNDS})")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 with --quick)")
-    p.add_argument("--cases", default=",".join(CASE_NAMES), help="comma-separated subset of: " + ", ".join(CASE_NAMES))
-    p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
+    _timing.add_common_args(p, ROUNDS, QUICK_ROUNDS, CASE_NAMES)
     p.add_argument("--shape-peaks", action="store_true", help="also measure each projection's peak (slow)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the interleaving order")
-    p.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.quick and args.threads is None:
-        args.threads = 1  # tiny ops on a shared machine: OpenMP's barriers would dominate with more threads
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
     if args.child:
         case, impl = args.child
         _impls.preload("transformers" if case in STEP_CASES else impl)
@@ -213,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
             build = lambda: build_projection(case, impl, args.quick)  # noqa: E731
         _timing.child_report(build)
         return 0
-    args.rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     if set(wanted) - set(CASE_NAMES):
         p.error(f"unknown cases {sorted(set(wanted) - set(CASE_NAMES))}")

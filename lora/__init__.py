@@ -8,7 +8,7 @@
 
 from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, is_lora_layer
 from .checkpoint import export_peft, import_peft, load_lora, read_lora, save_lora
-from .inject import inject
+from .injection import inject
 from .utils import (
     lora_parameter_names,
     lora_state_dict,

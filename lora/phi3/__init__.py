@@ -11,7 +11,7 @@ from .chat import (
     tokenize_conversation,
 )
 from .config import LongRoPEScaling, Phi3Config
-from .inject import GATE_UP_SLICES, QKV_SLICES, TARGETS, inject, split_sizes, trainable_count
+from .injection import GATE_UP_SLICES, QKV_SLICES, TARGETS, inject, split_sizes, trainable_count
 from .model import CausalLMOutput, KVCache, Phi3ForCausalLM
 from .tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 

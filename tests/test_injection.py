@@ -1,11 +1,11 @@
-"""lora.inject: exact-name / dotted-suffix matching, weight adoption, all-or-nothing validation."""
+"""lora.injection (lora.inject): exact-name / dotted-suffix matching, weight adoption, all-or-nothing validation."""
 
 import pytest
 import torch
 import torch.nn as nn
 
 import lora
-from lora.inject import matches
+from lora.injection import matches
 
 
 class Block(nn.Module):

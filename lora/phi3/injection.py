@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch.nn as nn
 
-from ..inject import inject as inject_modules
+from ..injection import inject as inject_modules
 
 __all__ = ["TARGETS", "QKV_SLICES", "GATE_UP_SLICES", "inject", "split_sizes", "trainable_count"]
 

@@ -1,23 +1,29 @@
-"""Everything that knows about Phi-3: the model, its config, LoRA injection preset, chat format and tokenizers."""
+"""Everything that knows about Phi-3: the model, its config, LoRA injection preset, chat templates and tokenizers.
 
-from .chat import (
+The model-independent data code (JSONL conversations, splits, batches, the loss) lives in :mod:`lora.data`; its
+names are also importable from here.
+"""
+
+from lora.data import (
     IGNORE_INDEX,
+    causal_lm_loss,
     collate,
-    encode_prompt,
-    format_chat,
     length_grouped_batches,
     load_conversations,
     split_train_eval,
-    tokenize_conversation,
 )
-from .config import LongRoPEScaling, Phi3Config
+
+from .chat import encode_prompt, format_chat, tokenize_conversation
+from .config import SUPPORTED_MODELS, LongRoPEScaling, Phi3Config
 from .injection import GATE_UP_SLICES, QKV_SLICES, TARGETS, inject, split_sizes, trainable_count
 from .model import CausalLMOutput, KVCache, Phi3ForCausalLM
+from .template import PHI3_CHAT_TEMPLATE, JinjaChatTemplate, Phi3Template
 from .tokenizer import ByteTokenizer, HFTokenizer, StreamDecoder, load_tokenizer
 
 __all__ = [
     "Phi3Config",
     "LongRoPEScaling",
+    "SUPPORTED_MODELS",
     "Phi3ForCausalLM",
     "CausalLMOutput",
     "KVCache",
@@ -27,16 +33,21 @@ __all__ = [
     "inject",
     "split_sizes",
     "trainable_count",
-    "IGNORE_INDEX",
-    "load_conversations",
-    "split_train_eval",
+    "PHI3_CHAT_TEMPLATE",
+    "Phi3Template",
+    "JinjaChatTemplate",
     "format_chat",
     "tokenize_conversation",
     "encode_prompt",
-    "collate",
-    "length_grouped_batches",
     "ByteTokenizer",
     "HFTokenizer",
     "StreamDecoder",
     "load_tokenizer",
+    # lora.data, kept importable from here
+    "IGNORE_INDEX",
+    "causal_lm_loss",
+    "load_conversations",
+    "split_train_eval",
+    "collate",
+    "length_grouped_batches",
 ]

@@ -20,10 +20,23 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-__all__ = ["LongRoPEScaling", "Phi3Config"]
+__all__ = ["SUPPORTED_MODELS", "LongRoPEScaling", "Phi3Config"]
 
 # Old Phi-3 checkpoints name LongRoPE "su" (and a few "yarn"); transformers maps both to "longrope", and so do we.
 _LONGROPE_ALIASES = frozenset({"longrope", "su", "yarn"})
+
+# The checkpoints whose config.json says model_type "phi3" and architectures ["Phi3ForCausalLM"]: what this module
+# reads. Phi-3-small ("phi3small": block-sparse attention, GeGLU, muP), Phi-3-vision ("phi3_v"), Phi-3.5-MoE
+# ("phimoe") and every other model_type are different architectures, refused before any weight is read.
+SUPPORTED_MODELS = (
+    "Phi-3-mini-4k",
+    "Phi-3-mini-128k",
+    "Phi-3.5-mini",
+    "Phi-3-medium-4k",
+    "Phi-3-medium-128k",
+    "Phi-4-mini",
+)
+_ARCHITECTURE = "Phi3ForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -200,11 +213,14 @@ class Phi3Config:
     def from_dict(cls, d: dict[str, Any]) -> Phi3Config:
         """Read a ``config.json`` dict in either layout (see the module docstring). ``d`` is not modified.
 
-        Unknown keys are ignored. ``attention_bias=True`` and a ``head_dim`` other than ``hidden_size //
-        num_attention_heads`` are refused: Phi-3 has neither.
+        A ``model_type`` other than ``"phi3"``, or ``architectures`` without ``"Phi3ForCausalLM"``, is refused
+        first, naming the type and the supported models (:data:`SUPPORTED_MODELS`). Other unknown keys are
+        ignored. ``attention_bias=True`` and a ``head_dim`` other than ``hidden_size // num_attention_heads`` are
+        refused: Phi-3 has neither.
         """
         if not isinstance(d, dict):
             raise ValueError(f"Phi3Config.from_dict expects a dict, got {type(d).__name__}")
+        _check_architecture(d)
         if d.get("attention_bias", False):
             raise ValueError(f"Phi3Config: attention_bias={d['attention_bias']!r} is not supported (Phi-3 has no biases)")
         kwargs: dict[str, Any] = {}
@@ -226,9 +242,13 @@ class Phi3Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike[str]) -> Phi3Config:
-        """Read a ``config.json`` file."""
+        """Read a ``config.json`` file; a ``ValueError`` names the file."""
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            d = json.load(f)
+        try:
+            return cls.from_dict(d)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     def to_dict(self) -> dict[str, Any]:
         """The Hub's ``config.json`` layout (``rope_theta`` and ``rope_scaling`` at top level)."""
@@ -269,11 +289,17 @@ class Phi3Config:
             "pad_token_id": self.pad_token_id,
         }
 
-    def to_json_file(self, path: str | os.PathLike[str]) -> None:
-        """Write :meth:`to_dict` as indented JSON."""
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
-            f.write("\n")
+
+
+def _check_architecture(d: dict[str, Any]) -> None:
+    """Refuse a config.json of another architecture (model_type / architectures), naming it and what is supported."""
+    supported = f"supported: model_type 'phi3' with architectures ['{_ARCHITECTURE}'] ({', '.join(SUPPORTED_MODELS)})"
+    model_type = d.get("model_type")
+    if model_type is not None and model_type != Phi3Config.model_type:
+        raise ValueError(f"model_type {model_type!r} is not Phi-3's architecture; {supported}")
+    architectures = d.get("architectures")
+    if architectures is not None and (not isinstance(architectures, list) or _ARCHITECTURE not in architectures):
+        raise ValueError(f"architectures {architectures!r} is not Phi-3's causal LM; {supported}")
 
 
 def _parse_rope(d: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora._io import atomic_write
+from lora.data import causal_lm_loss
 from lora.phi3.config import Phi3Config
 
 __all__ = ["CausalLMOutput", "KVCache", "Phi3ForCausalLM"]
@@ -32,7 +33,6 @@ __all__ = ["CausalLMOutput", "KVCache", "Phi3ForCausalLM"]
 # One (key, value) pair per decoder layer, each (batch, num_key_value_heads, cached_len, head_dim), rotary applied.
 KVCache = tuple[tuple[Tensor, Tensor], ...]
 
-IGNORE_INDEX = -100  # label value the loss skips, as in transformers and torch's cross_entropy default
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -376,7 +376,8 @@ class Phi3ForCausalLM(nn.Module):
         """input_ids: (B, T) token ids; attention_mask: (B, past + T) of 1/0 (left or right padding);
         position_ids: (B or 1, T), default ``past + arange(T)``; labels: (B, T), ``-100`` ignored.
 
-        The loss is transformers': labels shifted left by one, mean cross-entropy over non-ignored tokens, in fp32.
+        The loss is transformers' (:func:`lora.data.causal_lm_loss`): labels shifted left by one, mean
+        cross-entropy over non-ignored tokens, in fp32.
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generation).
         """
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
@@ -389,11 +390,7 @@ class Phi3ForCausalLM(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
-            # Padding the labels on the right instead of slicing the logits avoids copying (B, T, vocab).
-            targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]
-            loss = F.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
+            loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache)
 
     # ------------------------------------------------------------------ training helpers

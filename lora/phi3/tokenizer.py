@@ -13,6 +13,10 @@ Phi-3's chat tokens. Phi-3's chat template (see :mod:`lora.phi3.chat`) needs fiv
   is read from the file (Phi-3-mini has ``<|endoftext|>`` = 32000 and ``<|end|>`` = 32007, but nothing here
   assumes it).
 
+Each tokenizer also carries the chat template to format conversations with (``chat_template``): the checkpoint's own
+for :class:`HFTokenizer` (``chat_template.jinja``, or ``tokenizer_config.json``'s ``chat_template``), None for the
+built-in Phi-3 template (:class:`~lora.phi3.template.Phi3Template`).
+
 ``decode`` of a growing list of ids is how to stream text; :class:`StreamDecoder` does it incrementally, holding back
 a partly generated UTF-8 character until its last byte arrives.
 """
@@ -21,13 +25,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
+
+from lora.phi3.config import Phi3Config
+from lora.phi3.template import ChatTemplate, JinjaChatTemplate
 
 __all__ = [
     "PHI3_SPECIAL_TOKENS",
-    "ChatTokenizer",
     "ByteTokenizer",
+    "ChatTokenizer",
     "HFTokenizer",
     "StreamDecoder",
     "load_tokenizer",
@@ -51,6 +59,7 @@ class ChatTokenizer(Protocol):
     end_token_id: int
     pad_token_id: int
     special_tokens: dict[str, int]
+    chat_template: ChatTemplate | None  # None: the built-in Phi-3 template
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]: ...
@@ -98,6 +107,7 @@ class ByteTokenizer:
         self.eos_token_id: int = self.special_tokens["<|endoftext|>"]
         self.end_token_id: int = self.special_tokens["<|end|>"]
         self.pad_token_id: int = self.eos_token_id
+        self.chat_template: ChatTemplate | None = None  # the built-in Phi-3 template
         # Longest first, so a special token that is a prefix of another never wins the match.
         self._special_re = re.compile("|".join(re.escape(t) for t in sorted(special_tokens, key=len, reverse=True)))
 
@@ -155,7 +165,7 @@ class ByteTokenizer:
         Path(path).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ByteTokenizer":
+    def load(cls, path: str | Path) -> ByteTokenizer:
         """Read a file written by :meth:`save`."""
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(obj, dict) or obj.get("type") != _BYTE_TOKENIZER_TYPE:
@@ -171,7 +181,7 @@ class ByteTokenizer:
         return f"ByteTokenizer(vocab_size={self.vocab_size})"
 
 
-def _import_tokenizers():  # noqa: ANN202 - the module type is only known once it imports
+def _import_tokenizers():
     try:
         import tokenizers
     except ImportError as err:
@@ -189,6 +199,22 @@ def _config_token(config: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _chat_template_source(jinja_file: Path, config: dict, config_path: Path) -> str | None:
+    """The checkpoint's chat template: ``chat_template.jinja`` (what transformers >= 4.50 writes), else
+    ``tokenizer_config.json``'s ``chat_template`` (a string, or a list of named templates: the "default" one)."""
+    if jinja_file.is_file():
+        return jinja_file.read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        if "default" not in named:
+            raise ValueError(f"{config_path}: chat_template lists {sorted(map(str, named))} but no 'default' template")
+        template = named["default"]
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config_path}: chat_template must be a string, got {type(template).__name__}")
+    return template
+
+
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (e.g. Phi-3's, SentencePiece-style BPE) behind :class:`ChatTokenizer`.
 
@@ -198,7 +224,8 @@ class HFTokenizer:
     Args:
         path: the ``tokenizer.json`` file. A ``tokenizer_config.json`` beside it, if present, names the BOS and
             pad tokens (``bos_token``, ``pad_token``); without it ``bos_token_id`` is ``None`` and padding uses
-            ``<|endoftext|>``, as Phi-3 does.
+            ``<|endoftext|>``, as Phi-3 does. Its ``chat_template`` (or a ``chat_template.jinja`` file beside it)
+            becomes :attr:`chat_template`, rendered with jinja2; without one, the built-in Phi-3 template applies.
 
     Note:
         Phi-3's real file strips the whitespace right of ``<|user|>``, ``<|end|>`` etc. (``rstrip``), so the
@@ -230,6 +257,13 @@ class HFTokenizer:
         pad = _config_token(config, "pad_token")
         self.bos_token_id: int | None = None if bos is None else self.token_to_id(bos)
         self.pad_token_id: int = self.eos_token_id if pad is None else self.token_to_id(pad)
+        source = _chat_template_source(path.with_name("chat_template.jinja"), config, config_path)
+        self.chat_template: ChatTemplate | None = None
+        if source is not None:
+            # The special tokens are template variables, as transformers passes them ({{ eos_token }} etc.).
+            names = ("bos_token", "eos_token", "unk_token", "pad_token")
+            variables = {name: token for name in names if (token := _config_token(config, name)) is not None}
+            self.chat_template = JinjaChatTemplate(source, variables)
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
@@ -311,7 +345,14 @@ class StreamDecoder:
 
 def load_tokenizer(model_dir: str | Path) -> ByteTokenizer | HFTokenizer:
     """Load ``model_dir/tokenizer.json``: our :class:`ByteTokenizer` file (``"type": "byte"``) or a Hugging Face
-    ``tokenizers`` file (one with ``"model"`` and ``"added_tokens"``), as :class:`HFTokenizer`."""
+    ``tokenizers`` file (one with ``"model"`` and ``"added_tokens"``), as :class:`HFTokenizer`.
+
+    A ``config.json`` in ``model_dir`` must describe a Phi-3 model (:meth:`Phi3Config.from_json_file` refuses
+    other architectures): the tokenizer of a Phi-3-small or a Llama checkpoint is no Phi-3 chat tokenizer.
+    """
+    config_file = Path(model_dir) / "config.json"
+    if config_file.is_file():
+        Phi3Config.from_json_file(config_file)
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise FileNotFoundError(f"no tokenizer.json in {model_dir} (expected a model directory holding one)")

@@ -1,29 +1,16 @@
-"""Tests for lora.phi3.chat: loading, the template, the loss mask, batching."""
+"""Tests for lora.phi3.chat and lora.phi3.template: templates (built-in and jinja2, against transformers), the loss
+mask, tokenization by segments. (The model-independent data code is tested in tests/test_data.py.)"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lora.phi3.chat import (
-    IGNORE_INDEX,
-    LoadStats,
-    Message,
-    collate,
-    encode_prompt,
-    format_chat,
-    length_grouped_batches,
-    load_conversations,
-    parse_chat,
-    split_train_eval,
-    to_messages,
-    tokenize_conversation,
-)
+from lora.data import IGNORE_INDEX, Message, collate
+from lora.phi3.chat import encode_prompt, format_chat, parse_chat, tokenize_conversation
 from lora.phi3.tokenizer import PHI3_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer
 
 CHAT: list[Message] = [
@@ -182,120 +169,7 @@ def test_truncation() -> None:
         tokenize_conversation(CHAT, tok, max_length=0)
 
 
-# ---------------------------------------------------------------- loading
-
-
-def test_each_format(tmp_path: Path) -> None:
-    records = [
-        {
-            "messages": [
-                {"role": "system", "content": "S"},
-                {"role": "user", "content": "q"},
-                {"role": "assistant", "content": "a"},
-            ],
-            "extra": 1,
-        },
-        {
-            "conversations": [
-                {"from": "system", "value": "S"},
-                {"from": "human", "value": "q"},
-                {"from": "gpt", "value": "a"},
-            ]
-        },
-        {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]},
-        {"instruction": "q", "input": "ctx", "output": "a"},
-        {"instruction": "q", "input": "", "output": "a"},
-        {"instruction": "q", "output": "a"},
-    ]
-    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(r) for r in records])
-    conversations, stats = load_conversations(path)
-    qa = [Message(role="user", content="q"), Message(role="assistant", content="a")]
-    system = [Message(role="system", content="S")]
-    assert conversations == [
-        system + qa,
-        system + qa,
-        qa,
-        [Message(role="user", content="q\n\nctx"), Message(role="assistant", content="a")],
-        qa,
-        qa,
-    ]
-    assert stats == LoadStats(n_lines=6, n_loaded=6, n_malformed=0, n_no_assistant=0)
-
-
-@pytest.mark.parametrize(
-    "bad, why",
-    [
-        ("{not json", "Expecting"),
-        ('["a list"]', "JSON object"),
-        ('{"text": "hi"}', "unknown format"),
-        ('{"messages": [], "conversations": []}', "unknown format"),
-        ('{"messages": "hi"}', "list of objects"),
-        ('{"messages": [{"role": "user", "content": 3}]}', "string role and content"),
-        ('{"messages": [{"role": "tool", "content": "x"}]}', "unknown role 'tool'"),
-        ('{"conversations": [{"from": "bot", "value": "x"}]}', "unknown 'from' 'bot'"),
-        ('{"instruction": "q", "input": 3, "output": "a"}', "alpaca"),
-    ],
-)
-def test_malformed_line_names_file_and_line(tmp_path: Path, bad: str, why: str) -> None:
-    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-    path = write_jsonl(tmp_path / "data.jsonl", [good, "", bad, good])  # the bad record is on line 3
-    with pytest.raises(ValueError, match=f"data.jsonl:3: .*{why}"):
-        load_conversations(path)
-
-
-def test_skip_malformed_and_no_assistant_are_counted(tmp_path: Path) -> None:
-    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
-    no_assistant = json.dumps({"messages": [{"role": "user", "content": "q"}]})
-    path = tmp_path / "data.jsonl"
-    path.write_bytes(f"{good}\n{{oops\n\n   \n{no_assistant}\n".encode() + b"\xff\xfe\n" + f"{good}\n".encode())
-    conversations, stats = load_conversations(path, skip_malformed=True)
-    assert len(conversations) == 2
-    assert stats == LoadStats(n_lines=5, n_loaded=2, n_malformed=2, n_no_assistant=1)
-    with pytest.raises(ValueError, match="data.jsonl:2:"):
-        load_conversations(path)
-
-
-def test_empty_result_names_the_file(tmp_path: Path) -> None:
-    for lines in ([""], [json.dumps({"messages": [{"role": "user", "content": "q"}]})]):
-        path = write_jsonl(tmp_path / "empty.jsonl", lines)
-        with pytest.raises(ValueError, match="empty.jsonl"):
-            load_conversations(path)
-
-
-def test_to_messages_accepts_in_memory_records() -> None:
-    assert to_messages({"instruction": "q", "input": None, "output": "a"})[0] == Message(role="user", content="q")
-
-
-def test_split_train_eval() -> None:
-    items = list(range(20))
-    train, held = split_train_eval(items, 0.25, seed=3)
-    assert (train, held) == split_train_eval(items, 0.25, seed=3)
-    assert len(held) == 5 and sorted(train + held) == items
-    assert train == sorted(train) and held == sorted(held)  # input order kept
-    assert split_train_eval(items, 0.25, seed=4)[1] != held
-    assert split_train_eval(items, 0.0, seed=0) == (items, [])
-    assert len(split_train_eval(items, 0.01, seed=0)[1]) == 1
-    for bad in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="eval_fraction"):
-            split_train_eval(items, bad, seed=0)
-    with pytest.raises(ValueError, match="no training data"):
-        split_train_eval([1], 0.5, seed=0)
-
-
 # ---------------------------------------------------------------- batching
-
-
-def test_collate() -> None:
-    batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
-    out = collate(batch, pad_token_id=0)
-    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
-    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
-    assert all(t.dtype == torch.long and t.shape == (2, 3) for t in out.values())
-    with pytest.raises(ValueError, match="non-empty"):
-        collate([], pad_token_id=0)
-    with pytest.raises(ValueError, match="batch\\[0\\]"):
-        collate([{"input_ids": [1, 2], "labels": [1]}], pad_token_id=0)
 
 
 def test_collate_tokenized_conversations() -> None:
@@ -306,33 +180,3 @@ def test_collate_tokenized_conversations() -> None:
         n = len(item["input_ids"])
         assert out["attention_mask"][b].sum() == n
         assert out["input_ids"][b, :n].tolist() == item["input_ids"]
-
-
-@given(st.lists(st.integers(1, 500), max_size=300), st.integers(1, 16), st.integers(0, 3), st.integers(0, 3))
-def test_length_grouped_batches_is_a_deterministic_partition(
-    lengths: list[int], batch_size: int, seed: int, epoch: int
-) -> None:
-    batches = length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch, group_batches=4)
-    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-    assert all(1 <= len(b) <= batch_size for b in batches)
-    assert batches == length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch, group_batches=4)
-
-
-def test_length_grouped_batches_reduce_padding() -> None:
-    import random
-
-    rng = random.Random(0)
-    lengths = [rng.randint(10, 1000) for _ in range(2000)]
-
-    def padding(batches: list[list[int]]) -> int:
-        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-
-    grouped = length_grouped_batches(lengths, 8, seed=0, epoch=0)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    plain = [order[i : i + 8] for i in range(0, len(order), 8)]
-    assert padding(grouped) < padding(plain) / 10
-    assert length_grouped_batches(lengths, 8, seed=0, epoch=1) != grouped  # reshuffled each epoch
-    assert length_grouped_batches(lengths, 8, seed=1, epoch=0) != grouped
-    with pytest.raises(ValueError, match="batch_size"):
-        length_grouped_batches(lengths, 0, seed=0, epoch=0)

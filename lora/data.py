@@ -1,0 +1,277 @@
+"""Model-independent data code for causal-LM fine-tuning: chat records, splits, batches and the loss.
+
+* :func:`load_conversations` reads JSONL chats in OpenAI/TRL ``messages``, ShareGPT ``conversations`` or Alpaca
+  ``instruction/input/output`` form into ``[{"role", "content"}, ...]`` lists (:func:`to_messages` for one record).
+* :func:`split_train_eval` holds out a seeded fraction; :func:`length_grouped_batches` groups similar lengths;
+  :func:`collate` right-pads a batch.
+* :func:`causal_lm_loss` is the next-token cross-entropy every causal LM here is trained with, and
+  :data:`IGNORE_INDEX` the label value it skips.
+
+How a conversation becomes token ids and labels depends on the model's chat template: that lives with the model
+(:mod:`lora.phi3.chat` for Phi-3).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypedDict, TypeVar
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ROLES",
+    "LoadStats",
+    "Message",
+    "causal_lm_loss",
+    "collate",
+    "count_targets",
+    "length_grouped_batches",
+    "load_conversations",
+    "split_train_eval",
+    "to_messages",
+]
+
+IGNORE_INDEX = -100  # the label value the loss skips: torch's cross_entropy default ignore_index, as transformers
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+_T = TypeVar("_T")
+
+
+class Message(TypedDict):
+    """One chat message: ``role`` is one of :data:`ROLES`."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What :func:`load_conversations` read.
+
+    Attributes:
+        n_lines: non-blank lines in the file.
+        n_loaded: conversations returned.
+        n_malformed: lines skipped as malformed (only with ``skip_malformed=True``).
+        n_no_assistant: well-formed conversations skipped because no message is from the assistant.
+    """
+
+    n_lines: int
+    n_loaded: int
+    n_malformed: int
+    n_no_assistant: int
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _message(role: object, content: object, where: str) -> Message:
+    if not isinstance(role, str) or not isinstance(content, str):
+        kinds = f"{type(role).__name__} and {type(content).__name__}"
+        raise ValueError(f"{where} needs a string role and content, got {kinds}")  # noqa: TRY004 (bad data)
+    return Message(role=role, content=content)
+
+
+def _message_list(obj: object, key: str) -> list:
+    if not isinstance(obj, list) or not all(isinstance(m, dict) for m in obj):
+        raise ValueError(f"{key!r} must be a list of objects, got {type(obj).__name__}")
+    return obj
+
+
+def to_messages(record: object) -> list[Message]:
+    """One JSON record in any of the three formats -> ``[{"role", "content"}, ...]``; ``ValueError`` if malformed.
+
+    * OpenAI / TRL: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
+    * ShareGPT: ``{"conversations": [{"from": "system"|"human"|"gpt"|"user"|"assistant", "value": str}, ...]}``
+    * Alpaca: ``{"instruction": str, "input": str (optional), "output": str}`` -> a user message (the
+      instruction, plus ``"\\n\\n" + input`` when input is non-empty) and an assistant message (the output).
+
+    Other keys are ignored.
+    """
+    if not isinstance(record, Mapping):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")  # noqa: TRY004 (bad data)
+    candidates = {"messages": ("messages",), "conversations": ("conversations",), "alpaca": ("instruction", "output")}
+    formats = [name for name, keys in candidates.items() if all(k in record for k in keys)]
+    if len(formats) != 1:
+        found = " and ".join(formats) or "none"
+        raise ValueError(
+            "unknown format: expected exactly one of 'messages', 'conversations' or 'instruction'+'output', "
+            f"found {found} (keys {sorted(record)})"
+        )
+
+    if formats[0] == "messages":
+        messages = []
+        for i, turn in enumerate(_message_list(record["messages"], "messages")):
+            m = _message(turn.get("role"), turn.get("content"), f"messages[{i}]")
+            if m["role"] not in ROLES:
+                raise ValueError(f"messages[{i}] has unknown role {m['role']!r} (expected one of {list(ROLES)})")
+            messages.append(m)
+        return messages
+
+    if formats[0] == "conversations":
+        messages = []
+        for i, turn in enumerate(_message_list(record["conversations"], "conversations")):
+            m = _message(turn.get("from"), turn.get("value"), f"conversations[{i}]")
+            if m["role"] not in _SHAREGPT_ROLES:
+                expected = list(_SHAREGPT_ROLES)
+                raise ValueError(f"conversations[{i}] has unknown 'from' {m['role']!r} (expected one of {expected})")
+            messages.append(Message(role=_SHAREGPT_ROLES[m["role"]], content=m["content"]))
+        return messages
+
+    instruction, output, extra = record["instruction"], record["output"], record.get("input")
+    if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, (str, type(None))):
+        raise ValueError(  # noqa: TRY004 (bad data)
+            "alpaca record needs string 'instruction' and 'output', and 'input' a string or absent"
+        )
+    user = instruction + "\n\n" + extra if extra else instruction
+    return [Message(role="user", content=user), Message(role="assistant", content=output)]
+
+
+def load_conversations(path: str | Path, skip_malformed: bool = False) -> tuple[list[list[Message]], LoadStats]:
+    """Read a JSONL file of conversations (one record per line, any format :func:`to_messages` takes).
+
+    Blank lines are ignored. A malformed line (bad JSON or UTF-8, unknown format, wrong types, unknown role)
+    raises ``ValueError("<path>:<line>: <why>")`` (1-based line), or with ``skip_malformed`` is skipped and
+    counted. A conversation without an assistant message is skipped and counted: it has nothing to learn.
+
+    Returns:
+        ``(conversations, stats)``; ``ValueError`` naming the file if no conversation is left.
+    """
+    path = Path(path)
+    conversations: list[list[Message]] = []
+    n_lines = n_malformed = n_no_assistant = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            n_lines += 1
+            try:
+                # utf-8-sig on the first line drops the byte-order mark some editors write.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                messages = to_messages(json.loads(line))
+            except ValueError as err:  # UnicodeDecodeError and json.JSONDecodeError are ValueErrors
+                if not skip_malformed:
+                    raise ValueError(f"{path}:{lineno}: {err}") from err
+                n_malformed += 1
+                continue
+            if not any(m["role"] == "assistant" for m in messages):
+                n_no_assistant += 1
+                continue
+            conversations.append(messages)
+    stats = LoadStats(n_lines, len(conversations), n_malformed, n_no_assistant)
+    if not conversations:
+        raise ValueError(f"{path}: no conversations with an assistant message ({stats})")
+    return conversations, stats
+
+
+def split_train_eval(conversations: Sequence[_T], eval_fraction: float, seed: int) -> tuple[list[_T], list[_T]]:
+    """Split conversations (or any items) into ``(train, eval)`` by a seeded shuffle; each part keeps the input
+    order.
+
+    ``round(len(conversations) * eval_fraction)`` go to eval, at least one when ``eval_fraction > 0``, and at least
+    one must be left for training. Same ``(conversations, eval_fraction, seed)`` -> same split.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    n = len(conversations)
+    n_eval = round(n * eval_fraction)
+    if eval_fraction > 0:
+        n_eval = max(n_eval, 1)
+    if n_eval >= n:
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training data out of {n} conversations")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    eval_idx = set(order[:n_eval])
+    train = [c for i, c in enumerate(conversations) if i not in eval_idx]
+    held = [c for i, c in enumerate(conversations) if i in eval_idx]
+    return train, held
+
+
+# ---------------------------------------------------------------- batching
+
+
+def collate(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of ``{"input_ids", "labels"}`` to the longest one.
+
+    Returns:
+        ``input_ids``: (B, T) long, padded with ``pad_token_id``; ``labels``: (B, T) long, padded with
+        :data:`IGNORE_INDEX`; ``attention_mask``: (B, T) long, 1 on real tokens, 0 on padding.
+    """
+    if not batch:
+        raise ValueError("collate needs a non-empty batch")
+    for b, item in enumerate(batch):
+        if len(item["input_ids"]) != len(item["labels"]):
+            raise ValueError(f"batch[{b}] has {len(item['input_ids'])} input_ids but {len(item['labels'])} labels")
+    T = max(len(item["input_ids"]) for item in batch)
+    input_ids = torch.full((len(batch), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), T), dtype=torch.long)
+    for b, item in enumerate(batch):
+        n = len(item["input_ids"])
+        input_ids[b, :n] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+        labels[b, :n] = torch.as_tensor(item["labels"], dtype=torch.long)
+        attention_mask[b, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_batches: int = 50
+) -> list[list[int]]:
+    """Batches of indices into ``lengths`` whose members have similar lengths, so little is spent on padding.
+
+    As Hugging Face's LengthGroupedSampler: shuffle all indices, cut them into groups of
+    ``batch_size * group_batches``, sort each group by length (longest first), cut it into batches, then shuffle
+    the batches. Every index appears exactly once; only the last batch of a group may be smaller. The result
+    depends only on ``(lengths, batch_size, seed, epoch, group_batches)``; a new epoch gives a new order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if group_batches < 1:
+        raise ValueError(f"group_batches must be >= 1, got {group_batches}")
+    rng = random.Random(f"length_grouped_batches:{seed}:{epoch}")  # str seeds are hashed stably (sha512)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * group_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), span):
+        group = sorted(order[start : start + span], key=lambda i: lengths[i], reverse=True)
+        batches += [group[j : j + batch_size] for j in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy in fp32: position ``t``'s logits predict ``labels[:, t + 1]``.
+
+    Args:
+        logits: (B, T, vocab), any float dtype (upcast to fp32 here).
+        labels: (B, T) token ids, :data:`IGNORE_INDEX` where no loss applies (unshifted, as in transformers).
+        reduction: ``"mean"`` over the labelled targets (NaN when there are none, as torch's), or ``"sum"``
+            (pair it with :func:`count_targets` to normalise over several batches).
+
+    Returns:
+        A 0-d fp32 tensor. The labels are padded on the right instead of slicing the logits, so the (B, T, vocab)
+        tensor is not copied before the fp32 cast.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape {tuple(logits.shape)} minus vocab")
+    targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): labels[:, t + 1]
+    return F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction
+    )
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """How many next-token targets :func:`causal_lm_loss` counts in ``labels: (B, T)``."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())

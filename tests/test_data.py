@@ -1,0 +1,234 @@
+"""Tests for lora.data: loading chat records, splits, batching, and the causal-LM loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lora.data
+import lora.phi3
+import lora.phi3.chat
+from lora.data import (
+    IGNORE_INDEX,
+    LoadStats,
+    Message,
+    causal_lm_loss,
+    collate,
+    count_targets,
+    length_grouped_batches,
+    load_conversations,
+    split_train_eval,
+    to_messages,
+)
+
+
+def write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- loading
+
+
+def test_each_format(tmp_path: Path) -> None:
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": "S"},
+                {"role": "user", "content": "q"},
+                {"role": "assistant", "content": "a"},
+            ],
+            "extra": 1,
+        },
+        {
+            "conversations": [
+                {"from": "system", "value": "S"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },
+        {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]},
+        {"instruction": "q", "input": "ctx", "output": "a"},
+        {"instruction": "q", "input": "", "output": "a"},
+        {"instruction": "q", "output": "a"},
+    ]
+    path = write_jsonl(tmp_path / "data.jsonl", [json.dumps(r) for r in records])
+    conversations, stats = load_conversations(path)
+    qa = [Message(role="user", content="q"), Message(role="assistant", content="a")]
+    system = [Message(role="system", content="S")]
+    assert conversations == [
+        system + qa,
+        system + qa,
+        qa,
+        [Message(role="user", content="q\n\nctx"), Message(role="assistant", content="a")],
+        qa,
+        qa,
+    ]
+    assert stats == LoadStats(n_lines=6, n_loaded=6, n_malformed=0, n_no_assistant=0)
+
+
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("{not json", "Expecting"),
+        ('["a list"]', "JSON object"),
+        ('{"text": "hi"}', "unknown format"),
+        ('{"messages": [], "conversations": []}', "unknown format"),
+        ('{"messages": "hi"}', "list of objects"),
+        ('{"messages": [{"role": "user", "content": 3}]}', "string role and content"),
+        ('{"messages": [{"role": "tool", "content": "x"}]}', "unknown role 'tool'"),
+        ('{"conversations": [{"from": "bot", "value": "x"}]}', "unknown 'from' 'bot'"),
+        ('{"instruction": "q", "input": 3, "output": "a"}', "alpaca"),
+    ],
+)
+def test_malformed_line_names_file_and_line(tmp_path: Path, bad: str, why: str) -> None:
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    path = write_jsonl(tmp_path / "data.jsonl", [good, "", bad, good])  # the bad record is on line 3
+    with pytest.raises(ValueError, match=f"data.jsonl:3: .*{why}"):
+        load_conversations(path)
+
+
+def test_skip_malformed_and_no_assistant_are_counted(tmp_path: Path) -> None:
+    good = json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
+    no_assistant = json.dumps({"messages": [{"role": "user", "content": "q"}]})
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(f"{good}\n{{oops\n\n   \n{no_assistant}\n".encode() + b"\xff\xfe\n" + f"{good}\n".encode())
+    conversations, stats = load_conversations(path, skip_malformed=True)
+    assert len(conversations) == 2
+    assert stats == LoadStats(n_lines=5, n_loaded=2, n_malformed=2, n_no_assistant=1)
+    with pytest.raises(ValueError, match="data.jsonl:2:"):
+        load_conversations(path)
+
+
+def test_empty_result_names_the_file(tmp_path: Path) -> None:
+    for lines in ([""], [json.dumps({"messages": [{"role": "user", "content": "q"}]})]):
+        path = write_jsonl(tmp_path / "empty.jsonl", lines)
+        with pytest.raises(ValueError, match="empty.jsonl"):
+            load_conversations(path)
+
+
+def test_to_messages_accepts_in_memory_records() -> None:
+    assert to_messages({"instruction": "q", "input": None, "output": "a"})[0] == Message(role="user", content="q")
+
+
+def test_split_train_eval() -> None:
+    items = list(range(20))
+    train, held = split_train_eval(items, 0.25, seed=3)
+    assert (train, held) == split_train_eval(items, 0.25, seed=3)
+    assert len(held) == 5 and sorted(train + held) == items
+    assert train == sorted(train) and held == sorted(held)  # input order kept
+    assert split_train_eval(items, 0.25, seed=4)[1] != held
+    assert split_train_eval(items, 0.0, seed=0) == (items, [])
+    assert len(split_train_eval(items, 0.01, seed=0)[1]) == 1
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="eval_fraction"):
+            split_train_eval(items, bad, seed=0)
+    with pytest.raises(ValueError, match="no training data"):
+        split_train_eval([1], 0.5, seed=0)
+
+
+# ---------------------------------------------------------------- batching
+
+
+def test_collate() -> None:
+    batch = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    out = collate(batch, pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert all(t.dtype == torch.long and t.shape == (2, 3) for t in out.values())
+    with pytest.raises(ValueError, match="non-empty"):
+        collate([], pad_token_id=0)
+    with pytest.raises(ValueError, match="batch\\[0\\]"):
+        collate([{"input_ids": [1, 2], "labels": [1]}], pad_token_id=0)
+
+
+@given(st.lists(st.integers(1, 500), max_size=300), st.integers(1, 16), st.integers(0, 3), st.integers(0, 3))
+def test_length_grouped_batches_is_a_deterministic_partition(
+    lengths: list[int], batch_size: int, seed: int, epoch: int
+) -> None:
+    batches = length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch, group_batches=4)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= batch_size for b in batches)
+    assert batches == length_grouped_batches(lengths, batch_size, seed=seed, epoch=epoch, group_batches=4)
+
+
+def test_length_grouped_batches_reduce_padding() -> None:
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(10, 1000) for _ in range(2000)]
+
+    def padding(batches: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    grouped = length_grouped_batches(lengths, 8, seed=0, epoch=0)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    plain = [order[i : i + 8] for i in range(0, len(order), 8)]
+    assert padding(grouped) < padding(plain) / 10
+    assert length_grouped_batches(lengths, 8, seed=0, epoch=1) != grouped  # reshuffled each epoch
+    assert length_grouped_batches(lengths, 8, seed=1, epoch=0) != grouped
+    with pytest.raises(ValueError, match="batch_size"):
+        length_grouped_batches(lengths, 0, seed=0, epoch=0)
+
+
+# ---------------------------------------------------------------- the loss
+
+
+def _written_out_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Sum over (b, t) with labels[b, t + 1] labelled of -log softmax(logits[b, t])[labels[b, t + 1]], in fp64."""
+    total, count = 0.0, 0
+    log_probs = logits.double().log_softmax(-1)
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1] - 1):
+            target = int(labels[b, t + 1])
+            if target != IGNORE_INDEX:
+                total -= float(log_probs[b, t, target])
+                count += 1
+    return total, count
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), length=st.integers(1, 7), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**16))
+def test_causal_lm_loss_is_the_written_out_sum(batch: int, length: int, dtype: torch.dtype, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(batch, length, 11, generator=gen) * 3).to(dtype)
+    labels = torch.randint(0, 11, (batch, length), generator=gen)
+    labels[torch.rand(batch, length, generator=gen) < 0.4] = IGNORE_INDEX
+    total, count = _written_out_loss(logits, labels)
+    summed = causal_lm_loss(logits, labels, reduction="sum")
+    assert summed.dtype == torch.float32 and count_targets(labels) == count
+    assert summed.item() == pytest.approx(total, rel=1e-5, abs=1e-5)
+    mean = causal_lm_loss(logits, labels)
+    if count:
+        assert mean.item() == pytest.approx(total / count, rel=1e-5)
+    else:
+        assert torch.isnan(mean)  # as torch's cross_entropy over no target
+
+
+def test_causal_lm_loss_gradient_and_arguments() -> None:
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.tensor([[1, 2, IGNORE_INDEX, 3, 4], [IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX]])
+    (got,) = torch.autograd.grad(causal_lm_loss(logits, labels), logits)
+    # the slicing form: positions 0..T-2 predict labels 1..T-1; the last position gets no gradient
+    sliced = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    (expected,) = torch.autograd.grad(sliced, logits)
+    torch.testing.assert_close(got, expected)
+    with pytest.raises(ValueError, match="reduction"):
+        causal_lm_loss(logits, labels, reduction="none")
+    with pytest.raises(ValueError, match="labels shape"):
+        causal_lm_loss(logits, labels[:, :4])
+
+
+def test_phi3_names_are_the_same_objects() -> None:
+    for name in ("IGNORE_INDEX", "collate", "length_grouped_batches", "load_conversations", "split_train_eval"):
+        assert getattr(lora.phi3, name) is getattr(lora.data, name)
+        assert getattr(lora.phi3.chat, name) is getattr(lora.data, name)

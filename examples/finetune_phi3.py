@@ -33,9 +33,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import lora
+from lora.data import causal_lm_loss, count_targets
 from lora.phi3 import (
     IGNORE_INDEX,
     Phi3ForCausalLM,
@@ -184,9 +184,7 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast: bool) -> tup
     """Sum of next-token cross-entropy over labelled tokens, and their count."""
     with torch.autocast("cuda" if batch["input_ids"].is_cuda else "cpu", dtype=torch.bfloat16, enabled=autocast):
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, vocab)
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # next-token targets (B, T)
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((targets != IGNORE_INDEX).sum())
+    return causal_lm_loss(logits, batch["labels"], reduction="sum"), count_targets(batch["labels"])
 
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import _timing  # noqa: F401  (puts the repository root on sys.path)
 import lora
+from lora.data import causal_lm_loss
 
 PHI3_TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 
@@ -257,8 +257,7 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = getattr(out, "logits", out)
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
-    # (B, T-1, V) predicts ids[:, 1:]
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    return causal_lm_loss(logits, ids)  # the loss our model's labels= path computes
 
 
 def model_train_step(model: nn.Module, ids: torch.Tensor, lr: float = 1e-4) -> Callable[[], torch.Tensor]:

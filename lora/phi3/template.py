@@ -3,7 +3,8 @@
 A template turns messages into text. To tokenize that text with an exact loss mask, :mod:`lora.phi3.chat` needs to
 know which characters are whose, so a template here gives **segments**: ``(text, role)`` pairs that alternate between
 template text (``role`` is None: role headers, ``<|end|>``, the final ``<|endoftext|>``) and one message's content
-(``role`` is that message's role). Joined, they are the rendered text; empty template texts are left out.
+(``role`` is that message's role). Joined, they are the rendered text; empty texts are left out (but for an
+assistant's empty content, whose closing ``<|end|>`` is still learned).
 
 * :class:`Phi3Template` is Phi-3-mini-4k-instruct's template (:data:`PHI3_CHAT_TEMPLATE`), for every message::
 
@@ -53,13 +54,13 @@ class ChatTemplate(Protocol):
 
 
 def _append(out: list[Segment], text: str, role: str | None) -> None:
-    """Append a segment, merging template text into a template text before it and dropping empty template text."""
-    if role is None:
-        if not text:
-            return
-        if out and out[-1][1] is None:
-            out[-1] = (out[-1][0] + text, None)
-            return
+    """Append a segment; template text merges into template text before it. Empty text is dropped, but for an
+    assistant's content: the stop token after it is still labelled."""
+    if not text and role != "assistant":
+        return
+    if role is None and out and out[-1][1] is None:
+        out[-1] = (out[-1][0] + text, None)
+        return
     out.append((text, role))
 
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from lora.data import IGNORE_INDEX, Message, collate
 from lora.phi3.chat import encode_prompt, format_chat, parse_chat, tokenize_conversation
-from lora.phi3.tokenizer import PHI3_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer
+from lora.phi3.template import PHI3_CHAT_TEMPLATE, JinjaChatTemplate, Phi3Template
+from lora.phi3.tokenizer import PHI3_SPECIAL_TOKENS, ByteTokenizer, HFTokenizer, load_tokenizer
 
 CHAT: list[Message] = [
     {"role": "system", "content": "Be brief."},
@@ -47,11 +48,6 @@ def phi3_like_tokenizer(directory: Path) -> HFTokenizer:
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory: pytest.TempPathFactory) -> HFTokenizer:
     return phi3_like_tokenizer(tmp_path_factory.mktemp("phi3_like"))
-
-
-def write_jsonl(path: Path, lines: list[str]) -> Path:
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------- template
@@ -180,3 +176,129 @@ def test_collate_tokenized_conversations() -> None:
         n = len(item["input_ids"])
         assert out["attention_mask"][b].sum() == n
         assert out["input_ids"][b, :n].tolist() == item["input_ids"]
+
+
+# ---------------------------------------------------------------- checkpoint templates (jinja2), against transformers
+
+# Each member's template with transformers' {% generation %} tags around what the assistant writes (its content and
+# the <|end|> that closes it): transformers' return_assistant_tokens_mask then marks exactly the tokens our labels
+# should cover, found by character offsets instead of by our segments.
+GENERATION_TAGGED = {
+    "phi3": ("{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+             "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}"),
+    "phi3.5": ("{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+               "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}"),
+    "phi3-medium": ("{{message['content'] + '<|end|>' + '\n'}}",
+                    "{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}"),
+    "phi4-mini": ("{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}",
+                  ("{% else %}{{ '<|' + message['role'] + '|>' }}{% if message['role'] == 'assistant' %}"
+                   "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+                   "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}")),
+}
+CONVERSATIONS = [
+    CHAT,
+    CHAT[1:3],
+    [Message(role="system", content=""), *CHAT[1:]],  # Phi-3.5 leaves an empty system message out
+    [Message(role="user", content="naïve café ✓ 🐈?"), Message(role="assistant", content="")],  # an empty reply
+]
+
+
+@pytest.fixture(scope="module", params=list(GENERATION_TAGGED))
+def checkpoint_tokenizer(request, tmp_path_factory, phi4_like_tokenizer, chat_templates, tokenizer_config):
+    """(name, our tokenizer, transformers' tokenizer) for a model directory carrying the member's template."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("jinja2")
+    name = request.param
+    directory = tmp_path_factory.mktemp(name)
+    if name == "phi4-mini":
+        path, tokens = phi4_like_tokenizer(directory), {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>"}
+    else:
+        phi3_like_tokenizer(directory)
+        path, tokens = directory / "tokenizer.json", {"eos_token": "<|endoftext|>"}
+    tokenizer_config(directory, chat_templates[name], **tokens)
+    oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), chat_template=chat_templates[name], **tokens)
+    return name, load_tokenizer(directory), oracle
+
+
+def test_checkpoint_template_matches_transformers(checkpoint_tokenizer, chat_templates) -> None:
+    name, ours, oracle = checkpoint_tokenizer
+    assert isinstance(ours.chat_template, JinjaChatTemplate)
+    old, new = GENERATION_TAGGED[name]
+    assert chat_templates[name].count(old) == 1
+    tagged = chat_templates[name].replace(old, new)
+    for messages in CONVERSATIONS:
+        for prompt in (False, True):
+            expected = oracle.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
+            assert format_chat(messages, prompt, ours.chat_template) == expected
+        training = tokenize_conversation(messages, ours, max_length=10**6)
+        expected = oracle.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        assert training["input_ids"] == expected
+        prompt_ids = oracle.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)
+        assert encode_prompt(messages[:-1], ours) == prompt_ids["input_ids"]
+        # the loss mask: transformers' assistant mask of the tagged template
+        masked = oracle.apply_chat_template(messages, chat_template=tagged, return_dict=True,
+                                            return_assistant_tokens_mask=True)
+        assert masked["input_ids"] == training["input_ids"]
+        assert [int(label != IGNORE_INDEX) for label in training["labels"]] == masked["assistant_masks"], name
+        assert all(label in (IGNORE_INDEX, i) for i, label in zip(training["input_ids"], training["labels"]))
+
+
+def test_labelled_text_per_template(checkpoint_tokenizer) -> None:
+    _, ours, _ = checkpoint_tokenizer
+    out = tokenize_conversation(CHAT, ours, max_length=10**6)
+    labelled = [i for i, label in zip(out["input_ids"], out["labels"]) if label != IGNORE_INDEX]
+    assert labelled.count(ours.end_token_id) == 2 and ours.eos_token_id not in labelled
+    text = ours.decode(labelled)
+    assert "Mira lives in Ostrel.<|end|>" in text and "Tam lives in Varn.<|end|>" in text
+    assert "Where" not in text and "brief" not in text
+
+
+@settings(max_examples=40, deadline=None)
+@given(_messages, st.booleans())
+def test_builtin_template_is_phi3_jinja_template(messages: list[Message], generation_prompt: bool) -> None:
+    pytest.importorskip("jinja2")
+    jinja = JinjaChatTemplate(PHI3_CHAT_TEMPLATE, {"eos_token": "<|endoftext|>"})
+    assert Phi3Template().segments(messages, generation_prompt) == jinja.segments(messages, generation_prompt)
+    assert format_chat(messages, generation_prompt) == jinja.render(messages, generation_prompt)
+
+
+def test_template_file_forms(tmp_path: Path, tokenizer_config) -> None:
+    pytest.importorskip("jinja2")
+    phi3_like_tokenizer(tmp_path)
+    tokenizer_config(tmp_path, [{"name": "tool_use", "template": "x"}, {"name": "default", "template": "{{ 1 }}"}])
+    assert load_tokenizer(tmp_path).chat_template.source == "{{ 1 }}"
+    # chat_template.jinja (what transformers >= 4.50 writes) wins over tokenizer_config.json
+    (tmp_path / "chat_template.jinja").write_text(PHI3_CHAT_TEMPLATE)
+    assert load_tokenizer(tmp_path).chat_template.source == PHI3_CHAT_TEMPLATE
+    (tmp_path / "chat_template.jinja").unlink()
+    tokenizer_config(tmp_path, [{"name": "tool_use", "template": "x"}])
+    with pytest.raises(ValueError, match="default"):
+        load_tokenizer(tmp_path)
+    tokenizer_config(tmp_path, None)
+    assert load_tokenizer(tmp_path).chat_template is None  # the built-in Phi-3 template applies
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>{% endfor %}", "changes message content"),
+    ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}", "no stop token"),
+    ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}<|end|>{% endfor %}", "twice"),
+])
+def test_templates_without_an_exact_mask_are_refused(hf: HFTokenizer, template: str, match: str) -> None:
+    pytest.importorskip("jinja2")
+    hf.chat_template = JinjaChatTemplate(template)
+    try:
+        with pytest.raises(ValueError, match=match):
+            tokenize_conversation([Message(role="user", content=" q "), Message(role="assistant", content="a")], hf,
+                                  max_length=100)
+    finally:
+        hf.chat_template = None
+
+
+def test_template_needs_jinja2(tmp_path: Path, tokenizer_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    phi3_like_tokenizer(tmp_path)
+    tokenizer_config(tmp_path, PHI3_CHAT_TEMPLATE)
+    monkeypatch.setitem(sys.modules, "jinja2", None)  # makes `import jinja2` raise ImportError
+    with pytest.raises(ImportError, match="pip install jinja2"):
+        load_tokenizer(tmp_path)

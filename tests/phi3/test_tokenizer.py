@@ -209,3 +209,61 @@ def test_stream_decoder_holds_back_half_a_character() -> None:
     assert [stream.push(i) for i in euro] == ["", "", "€"]
     assert stream.push(0xE2) == ""  # a character cut off by the end of generation ...
     assert stream.flush() == "\ufffd"  # ... comes out as U+FFFD
+
+
+# ---------------------------------------------------------------- both kinds of tokenizer.json, against transformers
+
+# Multi-byte characters of every length: é (2 bytes; one token in the Phi-4-mini-like vocabulary), € and ✓ (3 bytes,
+# one token per byte), 🐈 (4 bytes), and CJK.
+TEXTS = ("the cat is here", " leading space", "naïve café € ✓ 🐈 猫", "a\n\nb  c", "<|user|>\nhi<|end|>\n<|assistant|>")
+
+
+@pytest.fixture(scope="module", params=["phi3 (SentencePiece-style, byte fallback)", "phi4-mini (GPT-style byte-level)"])
+def both_kinds(request, tmp_path_factory, phi3_like_tokenizer, phi4_like_tokenizer) -> tuple[HFTokenizer, object]:
+    """Our HFTokenizer and transformers' tokenizer on the same tokenizer.json, of each kind the family uses."""
+    transformers = pytest.importorskip("transformers")
+    write = phi4_like_tokenizer if request.param.startswith("phi4") else phi3_like_tokenizer
+    path = write(tmp_path_factory.mktemp("kind"))
+    return HFTokenizer(path), transformers.PreTrainedTokenizerFast(tokenizer_file=str(path))
+
+
+def test_both_kinds_encode_and_decode_like_transformers(both_kinds) -> None:
+    ours, oracle = both_kinds
+    for text in TEXTS:
+        ids = ours.encode(text)
+        assert ids == oracle.encode(text, add_special_tokens=False)
+        assert ours.decode(ids) == oracle.decode(ids)
+        assert ours.decode(ids, skip_special_tokens=True) == oracle.decode(ids, skip_special_tokens=True)
+        plain = ours.encode(text, allow_special=False)  # special-token strings stay text
+        assert not set(plain) & set(ours.special_tokens.values())
+        assert plain == oracle(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def test_both_kinds_stream_like_transformers(both_kinds) -> None:
+    """Token by token, our StreamDecoder never shows half a character, and its text is transformers' decode (and
+    what transformers' TextStreamer prints, chunked differently)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    ours, oracle = both_kinds
+
+    class Collect(transformers.TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            printed.append(text)
+
+    for text in TEXTS:
+        ids = ours.encode(text, allow_special=False)
+        stream, deltas, printed = StreamDecoder(ours), [], []
+        streamer = Collect(oracle)
+        for i in ids:
+            deltas.append(stream.push(i))
+            streamer.put(torch.tensor([i]))
+        deltas.append(stream.flush())
+        streamer.end()
+        assert "".join(deltas) == oracle.decode(ids) == "".join(printed)
+        assert not any("\ufffd" in d for d in deltas)
+    # a character cut in the middle shows up only once its last byte is there
+    euro = ours.encode("€", allow_special=False)
+    if len(euro) > 1:
+        stream = StreamDecoder(ours)
+        assert [stream.push(i) for i in euro] == [""] * (len(euro) - 1) + ["€"]

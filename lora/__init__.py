@@ -6,8 +6,10 @@
 >>> torch.save(lora.lora_state_dict(model), "ckpt_lora.pt")   # doctest: +SKIP
 """
 
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, LoRALayer, MergedLinear, is_lora_layer
-from .checkpoint import export_peft, import_peft, load_lora, read_lora, save_lora
+from .base import LoRABase, LoRALayer, is_lora_layer
+from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
+from .checkpoint import load_lora, read_lora, save_lora
+from .peft_format import export_peft, import_peft
 from .injection import inject
 from .utils import (
     lora_parameter_names,
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LoRALayer",
+    "LoRABase",
     "Linear",
     "MergedLinear",
     "Embedding",

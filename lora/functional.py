@@ -11,9 +11,11 @@ frozen layer, but written as separate torch ops it costs far more (PEFT and lora
 Here the low-rank product is accumulated straight into the frozen layer's GEMM output (``addmm_``, forward) and into
 the input gradient (``addmm_``, backward), and dropout is computed from the *dropped* positions only: with
 probability ``p`` each element is dropped independently, so the gaps between dropped positions are geometric and
-``n * p`` random numbers place all of them (Knuth's method) instead of ``n``. The mask is never materialised:
-``dropout(x) A^T = (x A^T - x_dropped A^T) / (1 - p)`` where ``x_dropped`` has only the dropped entries, and the
-backward saves the input (already alive) plus the dropped positions (int32, ``4 p`` bytes per element).
+``n * p`` random numbers place all of them (Knuth's method) instead of ``n``. On the CPU the mask is never
+materialised: ``dropout(x) A^T = (x A^T - x_dropped A^T) / (1 - p)`` where ``x_dropped`` has only the dropped
+entries, and the backward saves the input (already alive) plus the dropped positions (int32, ``4 p`` bytes per
+element). On CUDA (``dense_mask``) an ordinary dense mask is drawn instead, one bool per input element: there it is
+cheap, and the sparse path's host synchronisations are not.
 
 The result is the same distribution as ``nn.Dropout`` (an independent Bernoulli(p) per element, survivors scaled
 by ``1 / (1 - p)``), drawn from torch's default generator (so ``torch.manual_seed`` and ``get_rng_state`` /
@@ -169,21 +171,26 @@ def fused_lora_linear(
     blocks: Sequence[Block],
     r: int,
     dense_mask: bool | None = None,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``x @ weight_t + bias``, plus, for each block, ``scaling * dropout(x) @ A_i^T @ B_i^T`` in its columns.
 
     x: (..., in); weight_t: (in, out); lora_A: (R, in) with ``A_i = lora_A[a_row:a_row + r]``; lora_B: (rows, r)
     with ``B_i = lora_B[b_row:b_row + size]``. ``dropout_p > 0`` applies dropout to the LoRA input (pass 0 in eval
-    mode). LoRA parameters of another dtype than ``x`` (fp32 over a bf16 base) are used in ``x``'s dtype, as
-    autocast would, and receive their gradients in their own dtype. ``dense_mask`` (default: on CUDA) draws an
-    ordinary dense dropout mask instead of the dropped positions. Returns (..., out).
+    mode). Everything runs in ``compute_dtype`` (default: ``x``'s): inputs, weight, bias and LoRA parameters of
+    another dtype are cast to it, as autocast casts a matmul's operands, and receive their gradients in their own
+    dtype; the output has ``compute_dtype``. Autocast is off inside (the operands already have the dtype it would
+    pick). ``dense_mask`` (default: on CUDA) draws an ordinary dense dropout mask instead of the dropped positions.
+    Returns (..., out).
     """
-    x2 = x.reshape(-1, x.shape[-1])
+    dtype = compute_dtype or x.dtype
     if dense_mask is None:
         dense_mask = x.is_cuda
-    A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # no-ops when the dtypes already match
-    out = _FusedLoRALinear.apply(x2, weight_t, bias, A, B, float(scaling), float(dropout_p), tuple(blocks), r,
-                                 bool(dense_mask))
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # each .to() is a no-op when the dtype already matches
+        bias = bias.to(dtype) if bias is not None else None
+        out = _FusedLoRALinear.apply(x2, weight_t.to(dtype), bias, lora_A.to(dtype), lora_B.to(dtype),
+                                     float(scaling), float(dropout_p), tuple(blocks), r, bool(dense_mask))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -193,32 +200,26 @@ _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.
 class _FusedLoRAConv(torch.autograd.Function):
     """x: (N, in, *S); weight: (out, in, *k); A_w: (r, in, *k); B_w: (out, r); groups == 1.
 
-    Forward: one convolution whose filters are the merged weight ``W + s * B A`` (so the output needs no second
-    pass) followed by ``A``'s ``r`` filters (whose responses ``h`` give ``B``'s gradient), padded with zero filters
-    to a multiple of ``_CHANNEL_BLOCK`` channels (the convolution library's blocking: a conv with only ``r``
-    output channels, or with 72, runs far below the rate of one with 80). Backward: the input gradient through the
-    merged weight alone, exactly the frozen layer's cost; ``A``'s gradient is the weight gradient of ``r``
-    filters for ``dL/dh = s B^T g``; ``B``'s is ``s g h^T`` summed over positions.
+    Forward: one convolution with the merged filters ``W + s * B A``: the frozen conv's cost, and the output needs
+    no second pass. Saved for backward: what the frozen conv saves (the input and its filters) plus ``A`` and ``B``;
+    ``A``'s responses ``h`` (needed for ``B``'s gradient) are recomputed in the backward rather than kept, which
+    would add ``r / out`` of the output's bytes. Backward: the input gradient through the merged weight alone, exactly
+    the frozen layer's cost; ``A``'s gradient is the weight gradient of ``r`` filters for ``dL/dh = s B^T g``; ``B``'s
+    is ``s g h^T`` summed over positions.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A_w, B_w, scaling: float, stride, padding, dilation):
         conv = _CONV[x.dim() - 2]
-        out_ch, r = weight.shape[0], A_w.shape[0]
-        pad = -(out_ch + r) % _CHANNEL_BLOCK
         # (out, r) @ (r, in * prod(k)) -> the update, shaped like the weight
         merged = torch.add(weight, (B_w @ A_w.flatten(1)).view_as(weight), alpha=scaling)
-        filters = torch.cat([merged, A_w, A_w.new_zeros(pad, *A_w.shape[1:])])  # (out + r + pad, in, *k)
-        bias_all = None if bias is None else torch.cat([bias, bias.new_zeros(r + pad)])
-        y = conv(x, filters, bias_all, stride, padding, dilation, 1)  # (N, out + r + pad, *S')
-        h = y[:, out_ch:out_ch + r]  # (N, r, *S')
-        ctx.save_for_backward(x, merged, A_w, B_w, h)
+        ctx.save_for_backward(x, merged, A_w, B_w)
         ctx.conf = (scaling, stride, padding, dilation, bias is not None)
-        return y[:, :out_ch].contiguous()
+        return conv(x, merged, bias, stride, padding, dilation, 1)  # (N, out, *S')
 
     @staticmethod
     def backward(ctx, g):
-        x, merged, A_w, B_w, h = ctx.saved_tensors
+        x, merged, A_w, B_w = ctx.saved_tensors
         scaling, stride, padding, dilation, has_bias = ctx.conf
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g = g.contiguous()
@@ -232,7 +233,13 @@ class _FusedLoRAConv(torch.autograd.Function):
         if need_a:
             gh = torch.matmul(B_w.T * scaling, g3).view(g.shape[0], -1, *g.shape[2:])  # (r, out) @ (N, out, P)
             grad_A = torch.ops.aten.convolution_backward(gh, x, A_w, output_mask=[False, True, False], **args)[1]
-        if need_bb:  # (N, out, P) @ (N, P, r) summed over the batch -> (out, r)
+        if need_bb:
+            # A's r filters padded with zero filters to the conv library's channel blocking: a conv with only r
+            # output channels runs far below the rate of one with 16.
+            r = A_w.shape[0]
+            filters = torch.cat([A_w, A_w.new_zeros(-r % _CHANNEL_BLOCK, *A_w.shape[1:])])
+            h = _CONV[x.dim() - 2](x, filters, None, stride, padding, dilation, 1)[:, :r]  # (N, r, *S')
+            # (N, out, P) @ (N, P, r) summed over the batch -> (out, r)
             grad_B = torch.bmm(g3, h.flatten(2).transpose(1, 2)).sum(0) * scaling
         if need_w:
             grad_w = torch.ops.aten.convolution_backward(g, x, merged, output_mask=[False, True, False], **args)[1]

@@ -11,15 +11,15 @@ from typing import Any, Mapping, Sequence
 
 import torch.nn as nn
 
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, is_lora_layer
+from .layers import KINDS, is_lora_layer, kind_for
 from .utils import mark_only_lora_as_trainable
 
 __all__ = ["inject", "matches", "OVERRIDABLE"]
 
-# Keyword arguments a target may override, beyond which the layer kind is chosen (split_sizes -> MergedLinear).
-OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "lora_dtype", "split_sizes", "enable_lora"})
-
-_LORA_TYPE = {nn.Linear: Linear, nn.Embedding: Embedding, nn.Conv1d: Conv1d, nn.Conv2d: Conv2d, nn.Conv3d: Conv3d}
+# Keyword arguments a target may override: the shared ones, and the kinds' own fields, which also choose the kind
+# (split_sizes -> MergedLinear).
+OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "lora_dtype"}).union(
+    *(kind.lora_fields for kind in KINDS.values()))
 
 
 def matches(name: str, target: str) -> bool:
@@ -30,16 +30,15 @@ def matches(name: str, target: str) -> bool:
 def _lora_class(name: str, module: nn.Module, kwargs: Mapping[str, Any]) -> type:
     if is_lora_layer(module):
         raise ValueError(f"module {name!r} already has LoRA ({type(module).__name__}); inject each module once")
-    base_type = type(module)
-    if base_type not in _LORA_TYPE:
-        raise TypeError(
-            f"module {name!r} is a {base_type.__module__}.{base_type.__name__}; LoRA can be injected into exactly "
-            f"nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d or nn.Conv3d")
-    if "split_sizes" in kwargs or "enable_lora" in kwargs:
-        if base_type is not nn.Linear:
+    kind = kind_for(module, kwargs)
+    if kind is None:
+        base_type = type(module)
+        adaptable = sorted({k.adapts.__name__ for k in KINDS.values()})
+        if any(k.adapts is base_type for k in KINDS.values()):
             raise TypeError(f"module {name!r}: split_sizes/enable_lora need an nn.Linear, got {base_type.__name__}")
-        return MergedLinear
-    return _LORA_TYPE[base_type]
+        raise TypeError(f"module {name!r} is a {base_type.__module__}.{base_type.__name__}; LoRA can be injected "
+                        f"into exactly {', '.join('nn.' + a for a in adaptable)}")
+    return kind
 
 
 def inject(
@@ -94,9 +93,7 @@ def inject(
     # Build every new layer first (this validates every argument), then swap them in: all or nothing.
     built = [(name, cls.from_module(model.get_submodule(name), **kwargs)) for name, cls, kwargs in plan]
     for name, layer in built:
-        parent, _, child = name.rpartition(".")
-        layer.train(model.get_submodule(name).training)
-        setattr(model.get_submodule(parent), child, layer)
+        model.set_submodule(name, layer)
     if mark_trainable:
         mark_only_lora_as_trainable(model)
     return [name for name, _ in built]

@@ -3,31 +3,32 @@
 A LoRA layer computes ``base(x) + scaling * B(A(dropout(x)))`` where ``A`` has ``r`` rows, ``B`` starts at zero
 (so a fresh layer equals its base exactly) and ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with
 ``use_rslora=True``, Kalajdzievski 2023). The state-dict keys are loralib's: ``weight``, ``bias``, ``lora_A``,
-``lora_B``.
+``lora_B``. What the kinds share lives in :class:`lora.base.LoRABase`; each class here fills in its contract.
 
 Differences from loralib 0.1.2, on purpose:
 
 * ``train()`` / ``eval()`` never touch a parameter. loralib merges the update into ``weight`` on ``eval()`` and
   subtracts it on ``train()``; that drifts low-precision weights and applies LoRA twice when a state dict saved in
   eval mode is loaded. ``merge_weights`` is accepted for signature compatibility and kept as an attribute, but
-  merging only ever happens when asked for (:func:`lora.merge_lora`).
+  merging only ever happens when asked for (:func:`lora.merge_lora`), and a merged layer's state dict holds the
+  unmerged weight.
 * ``MergedLinear`` takes ``split_sizes`` for unequal slices (grouped-query ``qkv``) and its forward stays factored.
 * The conv layers subclass ``nn.ConvNd`` directly (keys ``weight``/``lora_A``/``lora_B``, not loralib's
   ``conv.weight``), support tuple kernels, groups, dilation and every padding mode, and apply dropout. The update is
   ``B @ A`` with ``A: (r, in_channels // groups * prod(kernel_size))`` and ``B: (out_channels, r)``, reshaped to the
   conv weight's shape (loralib's Conv2d uses ``r * k`` x ``in * k`` blocks instead).
 * ``Embedding`` honours ``padding_idx`` and applies ``max_norm`` out of place, never rescaling a parameter.
-* LoRA parameters over a bf16/fp16 base are kept in fp32 by default (as PEFT does); see ``lora_dtype``. Without
-  autocast, the fused paths (:mod:`lora.functional`) use them in the base's dtype and give them fp32 gradients,
-  as autocast would; under autocast (or torch.compile) the plain ops run.
-* Speed: ``Linear``/``MergedLinear`` accumulate the low-rank product into the frozen GEMM's output and draw dropout
-  from the dropped positions only; an ungrouped fp32 conv without dropout runs ``A``'s filters inside the frozen
-  convolution, so at init it equals the plain conv to within rounding (about 1e-7 relative), not bit for bit.
+* LoRA parameters over a bf16/fp16 base are kept in fp32 by default (as PEFT does); see ``lora_dtype``.
+* Speed: ``Linear``/``MergedLinear`` run one fused autograd node (:mod:`lora.functional`) that accumulates the
+  low-rank product into the frozen GEMM's output. It serves both ways of training in 16 bits: 16-bit weights
+  without autocast (fp32 adapters are used in the weights' dtype), and autocast over any weights (everything in the
+  autocast dtype, as autocast itself would compute it). Under torch.compile the plain ops run (the compiler fuses
+  them itself). An ungrouped fp32 conv without dropout convolves with the merged filters ``W + s B A``, so at init
+  it equals the plain conv to within rounding (about 1e-7 relative), not bit for bit.
 """
 
 from __future__ import annotations
 
-import abc
 import math
 from typing import Any, Sequence
 
@@ -35,100 +36,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import LoRABase, LoRALayer, check_lora_args, has_adapter, is_lora_layer
 from .functional import _wide, fused_lora_conv, fused_lora_linear  # _wide: fp32, or fp64 if it is
 
-__all__ = ["LoRALayer", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d", "is_lora_layer"]
-
-
-class LoRALayer(abc.ABC):
-    """loralib's ``LoRALayer``, kept for code written against loralib.
-
-    ``class MyLayer(nn.Linear, LoRALayer)`` calling ``LoRALayer.__init__(self, r, lora_alpha, lora_dropout,
-    merge_weights)`` works as in loralib, and :func:`lora.mark_only_lora_as_trainable` / :func:`lora.lora_state_dict`
-    treat such a layer's ``lora_A`` / ``lora_B`` as LoRA parameters. This library's own layers do not inherit it (a
-    LoRA layer is its torch layer, single inheritance); they are registered, so ``isinstance(layer, LoRALayer)``
-    holds for them too.
-    """
-
-    def __init__(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool) -> None:
-        _check_lora_args(r, lora_alpha, lora_dropout)
-        self.r = r
-        self.lora_alpha = lora_alpha
-        self.lora_dropout = _dropout(lora_dropout)
-        self.merged = False
-        self.merge_weights = merge_weights
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Shared helpers (plain functions: the layers share behaviour, not state).
-
-
-def _check_lora_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"r must be a non-negative int, got r={r!r}")
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
-        raise ValueError(f"lora_alpha must be a positive number, got lora_alpha={lora_alpha!r}")
-    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
-
-
-def _dropout(p: float) -> nn.Module:
-    return nn.Dropout(p=p) if p > 0 else nn.Identity()
-
-
-def _scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
-    if r == 0:
-        return 0.0
-    # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's scale stable as r grows.
-    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def _lora_dtype(base_dtype: torch.dtype | None, lora_dtype: torch.dtype | None) -> torch.dtype | None:
-    """LoRA parameters stay in fp32 over a 16-bit base unless told otherwise (as PEFT's autocast_adapter_dtype)."""
-    if lora_dtype is not None:
-        if not isinstance(lora_dtype, torch.dtype) or not lora_dtype.is_floating_point:
-            raise ValueError(f"lora_dtype must be a floating torch.dtype, got lora_dtype={lora_dtype!r}")
-        return lora_dtype
-    if base_dtype in (torch.float16, torch.bfloat16):
-        return torch.float32
-    return base_dtype
-
-
-def _init_common(
-    layer: nn.Module, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, use_rslora: bool
-) -> None:
-    layer.r = r
-    layer.lora_alpha = lora_alpha
-    layer.use_rslora = use_rslora
-    layer.scaling = _scaling(r, lora_alpha, use_rslora)
-    layer.lora_dropout = _dropout(lora_dropout)
-    # loralib merges on eval() when this is True. Here eval() never merges: the flag is recorded, nothing more.
-    layer.merge_weights = merge_weights
-    layer.merged = False
-
-
-def _new_lora_params(layer: nn.Module, a_shape: tuple[int, ...], b_shape: tuple[int, ...], lora_dtype: torch.dtype | None) -> None:
-    w = layer.weight
-    dtype = _lora_dtype(w.dtype, lora_dtype)
-    layer.lora_A = nn.Parameter(torch.empty(a_shape, device=w.device, dtype=dtype))
-    layer.lora_B = nn.Parameter(torch.empty(b_shape, device=w.device, dtype=dtype))
-    w.requires_grad = False  # the pretrained weight is frozen, as in loralib
-    if not w.is_meta:
-        layer.reset_lora_parameters()
-
-
-def _adopt(layer: nn.Module, base: nn.Module) -> nn.Module:
-    """Give ``layer`` (built on ``meta``) the very weight/bias Parameter objects of ``base``: nothing is copied."""
-    layer.weight = base.weight
-    if getattr(base, "bias", None) is not None:
-        layer.bias = base.bias
-    if layer.r > 0 and layer._parameters.get("lora_A") is not None:
-        layer.weight.requires_grad = False
-        for name in ("lora_A", "lora_B"):
-            p = layer._parameters[name]
-            layer._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=base.weight.device))
-        layer.reset_lora_parameters()
-    return layer.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
+__all__ = ["LoRALayer", "LoRABase", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
+           "is_lora_layer", "KINDS", "kind_for"]
 
 
 def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
@@ -138,92 +50,77 @@ def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _fusable(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> bool:
-    """Whether the fused autograd functions of :mod:`lora.functional` apply: the input in the base weight's dtype,
-    LoRA parameters in that dtype or fp32 (then used in the base's dtype, as autocast would: the LoRA term is
-    rounded to the base's precision when added to its output anyway), no autocast (it picks its own dtypes per
-    op), and not being traced by torch.compile (which fuses the plain ops itself)."""
-    return (x.dtype == weight.dtype and lora_A.dtype in (x.dtype, torch.float32) and x.device == weight.device
-            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+def _fused_dtype(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
+    """The dtype the fused autograd functions of :mod:`lora.functional` run in here, or None for the plain ops.
+
+    Under autocast: its dtype, for every floating input below fp64 (what autocast's own matmuls would use). Without
+    it: the weight's dtype when the input has it and the LoRA parameters have it or are fp32 (then used in the
+    weight's dtype, as autocast would: the LoRA term is rounded to the base's precision when added anyway). Never
+    while torch.compile traces (it fuses the plain ops itself) or across devices.
+    """
+    if torch.compiler.is_compiling() or x.device != weight.device:
+        return None
+    if torch.is_autocast_enabled(x.device.type):
+        autocast_dtype = torch.get_autocast_dtype(x.device.type)
+        ok = all(t.is_floating_point() and t.dtype != torch.float64 for t in (x, weight, lora_A))
+        return autocast_dtype if ok else None
+    if x.dtype == weight.dtype and lora_A.dtype in (x.dtype, torch.float32):
+        return x.dtype
+    return None
 
 
-def _dropout_p(layer: nn.Module) -> float:
+def _dropout_p(layer: LoRABase) -> float:
     """The dropout probability the fused path must apply now (0 in eval mode)."""
     d = layer.lora_dropout
     return d.p if isinstance(d, nn.Dropout) and d.training else 0.0
 
 
-def _has_lora(layer: nn.Module) -> bool:
-    return layer.r > 0 and layer._parameters.get("lora_A") is not None
+def _linear_shapes(base_shape: Sequence[int], fan_in_fan_out: bool) -> tuple[int, int]:
+    """(out, in) of a linear weight stored as (out, in), or as (in, out) with ``fan_in_fan_out``."""
+    return (base_shape[1], base_shape[0]) if fan_in_fan_out else (base_shape[0], base_shape[1])
 
 
-# Merging. The weight becomes round(W + delta) with the sum taken in fp32 (fp64 for an fp64 weight or adapter). To
-# undo it bit for bit (a plain subtraction in bf16 is off by an ulp here and there) the merge keeps the integer
-# difference between the original bits and round(merged - delta): one int8 per weight in the usual case, a
-# non-persistent buffer.
+class _LinearKind(LoRABase):
+    """What ``Linear`` and ``MergedLinear`` share: the torch layer they adapt and its GPT-2 (``fan_in_fan_out``)
+    layout."""
 
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    adapts = nn.Linear
 
+    @staticmethod
+    def base_kwargs(module: nn.Module) -> dict[str, Any]:
+        return {"in_features": module.in_features, "out_features": module.out_features,
+                "bias": module.bias is not None}
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_INT_VIEW[t.element_size()]).to(torch.int64)
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (rank, module.in_features), (module.out_features, rank)  # PEFT's (r, in), (out, r) in any layout
 
+    def _weight_out_in(self) -> torch.Tensor:
+        return self.weight.T if self.fan_in_fan_out else self.weight
 
-def _residual(original: torch.Tensor, approx: torch.Tensor) -> torch.Tensor:
-    # For 64-bit floats the difference wraps around (e.g. -0.0 vs +0.0 gives INT64_MIN, whose abs() is still
-    # negative); wrapped arithmetic is undone by the wrapped addition in _apply_residual, so check the range, not abs.
-    diff = _bits(original) - _bits(approx)
-    if diff.numel() == 0 or (int(diff.min()) >= -128 and int(diff.max()) <= 127):
-        return diff.to(torch.int8)
-    return diff
-
-
-def _apply_residual(approx: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    bits = _bits(approx) + residual.to(torch.int64)
-    width = approx.element_size() * 8
-    if width < 64:  # wrap into the signed range of the float's integer view
-        half = 1 << (width - 1)
-        bits = (bits + half) % (1 << width) - half
-    return bits.to(_INT_VIEW[approx.element_size()]).view(approx.dtype)
-
-
-def _merge(layer: nn.Module, safe: bool) -> None:
-    if layer.merged or not _has_lora(layer):
-        return
-    with torch.no_grad():
-        delta = layer.delta_weight()  # fp32 (or fp64), shaped like layer.weight
-        if safe and not torch.isfinite(delta).all():
-            raise ValueError(f"refusing to merge {type(layer).__name__}: its LoRA delta is not finite (inf or nan)")
-        w = layer.weight
-        acc = torch.promote_types(_wide(w).dtype, delta.dtype)
-        merged = (w.to(acc) + delta.to(acc)).to(w.dtype)
-        residual = _residual(w, (merged.to(acc) - delta.to(acc)).to(w.dtype))
-        layer.weight.copy_(merged)
-    layer.register_buffer("_unmerge_residual", residual, persistent=False)
-    layer._merged_dtype = merged.dtype  # the residual counts in this dtype's bits
-    layer.merged = True
-
-
-def _unmerge(layer: nn.Module) -> None:
-    if not layer.merged:
-        return
-    with torch.no_grad():
-        w, delta = layer.weight, layer.delta_weight()
-        acc = torch.promote_types(_wide(w).dtype, delta.dtype)
-        approx = (w.to(acc) - delta.to(acc)).to(w.dtype)
-        # After a cast while merged (model.half()) the residual's bits mean nothing; the subtraction is all there is.
-        if w.dtype == layer._merged_dtype:
-            approx = _apply_residual(approx, layer._unmerge_residual)
-        layer.weight.copy_(approx)
-    del layer._buffers["_unmerge_residual"]
-    layer.merged = False
+    def _delta_out_in(self, blocks: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``scaling * B_i @ A_i`` in rows ``[start, start + size)`` of each block, in fp32 (fp64 for an fp64
+        adapter), laid out like ``weight`` and contiguous."""
+        if len(blocks) == 1 and blocks[0][1] == self.out_features:  # one block over every row: no zero fill
+            _, _, A, B = blocks[0]
+            # (in, r) @ (r, out) in GPT-2's (in, out) layout, else (out, r) @ (r, in)
+            delta = _wide(A).T @ _wide(B).T if self.fan_in_fan_out else _wide(B) @ _wide(A)
+            return delta.mul_(self.scaling)
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        delta = torch.zeros(tuple(self.weight.shape), device=self.lora_A.device, dtype=dtype)
+        for start, size, A_i, B_i in blocks:
+            if self.fan_in_fan_out:  # (in, r) @ (r, size) -> columns of the (in, out) weight
+                delta[:, start:start + size] = _wide(A_i).T @ _wide(B_i).T
+            else:  # (size, r) @ (r, in) -> rows of the (out, in) weight
+                delta[start:start + size] = _wide(B_i) @ _wide(A_i)
+        return delta.mul_(self.scaling)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Linear
 
 
-class Linear(nn.Linear):
+class Linear(_LinearKind, nn.Linear):
     """``nn.Linear`` with a LoRA update: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
 
     Arguments mirror loralib's ``Linear`` (``r``, ``lora_alpha``, ``lora_dropout``, ``fan_in_fan_out``,
@@ -251,60 +148,33 @@ class Linear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_lora_args(r, lora_alpha, lora_dropout)
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        _init_common(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        self.fan_in_fan_out = fan_in_fan_out
-        if fan_in_fan_out:
-            self.weight = nn.Parameter(self.weight.data.T.contiguous())
-        if r > 0:
-            _new_lora_params(self, (r, in_features), (out_features, r), lora_dtype)
+        check_lora_args(r, lora_alpha, lora_dropout)
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out)
 
     @classmethod
-    def from_module(cls, base: nn.Linear, **lora_kwargs: Any) -> "Linear":
-        """Wrap ``base``, adopting its weight and bias objects (no copy, no re-initialisation of the base)."""
-        if lora_kwargs.get("fan_in_fan_out"):
-            raise ValueError("from_module wraps an nn.Linear, whose weight is (out, in): fan_in_fan_out must be False")
-        layer = cls(base.in_features, base.out_features, bias=base.bias is not None, device="meta",
-                    dtype=base.weight.dtype, **lora_kwargs)
-        return _adopt(layer, base)
-
-    def reset_lora_parameters(self) -> None:
-        """A as ``nn.Linear``'s default (Kaiming-uniform, a=sqrt(5)) and B zero, as loralib and the LoRA paper."""
-        if _has_lora(self):
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B)
+    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
+                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+        out_f, in_f = _linear_shapes(base_shape, fan_in_fan_out)
+        return {"lora_A": (r, in_f), "lora_B": (out_f, r)}
 
     def delta_weight(self) -> torch.Tensor:
-        """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``scaling * B @ A``.
-
-        Transposed to ``(in, out)`` if ``fan_in_fan_out``.
-        """
-        delta = (_wide(self.lora_B) @ _wide(self.lora_A)) * self.scaling  # (out, r) @ (r, in) -> (out, in)
-        return delta.T if self.fan_in_fan_out else delta
+        """``scaling * B @ A`` in fp32 (fp64 for an fp64 adapter), shaped like ``weight`` (``(in, out)`` if
+        ``fan_in_fan_out``)."""
+        return self._delta_out_in([(0, self.out_features, self.lora_A, self.lora_B)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.T if self.fan_in_fan_out else self.weight
-        if self.merged or not _has_lora(self):
+        weight = self._weight_out_in()
+        if self.merged or not has_adapter(self):
             return F.linear(x, weight, self.bias)
         A, B = self.lora_A, self.lora_B
-        if _fusable(x, self.weight, A):
+        dtype = _fused_dtype(x, self.weight, A)
+        if dtype is not None:
             return fused_lora_linear(x, weight.T, self.bias, A, B, self.scaling, _dropout_p(self),
-                                     ((0, self.out_features, 0, 0),), self.r)
+                                     ((0, self.out_features, 0, 0),), self.r, compute_dtype=dtype)
         result = F.linear(x, weight, self.bias)
         h = F.linear(self.lora_dropout(_lora_input(x, A)), A)  # (..., in) -> (..., r)
         return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
-
-    def merge(self, safe: bool = False) -> None:
-        """Fold the update into ``weight`` (fp32 sum, one cast). Idempotent. ``safe`` refuses a non-finite delta."""
-        _merge(self, safe)
-
-    def unmerge(self) -> None:
-        """Undo :meth:`merge`, restoring the previous ``weight`` bit for bit. Idempotent."""
-        _unmerge(self)
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -318,18 +188,18 @@ def _split_layout(out_features: int, enable_lora: Sequence[bool], split_sizes: S
         if out_features % len(enable_lora) != 0:
             raise ValueError(
                 f"out_features={out_features} is not divisible by len(enable_lora)={len(enable_lora)} "
-                f"(enable_lora={list(enable_lora)!r}); "
-                f"pass split_sizes for unequal slices")
+                f"(enable_lora={list(enable_lora)!r}); pass split_sizes for unequal slices")
         return (out_features // len(enable_lora),) * len(enable_lora)
     sizes = tuple(split_sizes)
-    if len(sizes) != len(enable_lora) or any(not isinstance(s, int) or s <= 0 for s in sizes) or sum(sizes) != out_features:
+    if (len(sizes) != len(enable_lora) or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes)
+            or sum(sizes) != out_features):
         raise ValueError(
             f"split_sizes={list(sizes)!r} must be {len(enable_lora)} positive ints (one per enable_lora entry) "
             f"summing to out_features={out_features}")
     return sizes
 
 
-class MergedLinear(nn.Linear):
+class MergedLinear(_LinearKind, nn.Linear):
     """One fused projection (e.g. Phi-3's ``qkv_proj``) with a separate LoRA per enabled slice of its outputs.
 
     The output rows are split into ``split_sizes`` (default: ``len(enable_lora)`` equal parts, as loralib); slice
@@ -338,6 +208,8 @@ class MergedLinear(nn.Linear):
     ``lora_B: (sum of enabled slice sizes, r)`` (their B matrices stacked). The forward stays factored: it never
     builds the ``out x in`` delta.
     """
+
+    lora_fields = {"split_sizes": (list,), "enable_lora": (list,)}
 
     def __init__(
         self,
@@ -357,24 +229,36 @@ class MergedLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        _check_lora_args(r, lora_alpha, lora_dropout)
-        self_sizes = _split_layout(out_features, enable_lora, split_sizes)
-        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        _init_common(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
+        check_lora_args(r, lora_alpha, lora_dropout)
+        sizes = _split_layout(out_features, enable_lora, split_sizes)
+        nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.enable_lora = [bool(e) for e in enable_lora]
-        self.split_sizes = self_sizes
-        self.fan_in_fan_out = fan_in_fan_out
-        starts = [sum(self_sizes[:i]) for i in range(len(self_sizes))]
+        self.split_sizes = sizes
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
         # (row offset in the output, number of rows) of each enabled slice; plain ints, so nothing to move.
-        self.lora_slices = tuple((starts[i], self_sizes[i]) for i, e in enumerate(self.enable_lora) if e)
-        if fan_in_fan_out:
-            self.weight = nn.Parameter(self.weight.data.T.contiguous())
-        if r > 0 and self.lora_slices:
-            n_rows = sum(size for _, size in self.lora_slices)
-            _new_lora_params(self, (r * len(self.lora_slices), in_features), (n_rows, r), lora_dtype)
+        self.lora_slices = tuple((starts[i], sizes[i]) for i, e in enumerate(self.enable_lora) if e)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out)
 
-    from_module = classmethod(Linear.from_module.__func__)  # same body: build on meta, adopt base's weight
-    reset_lora_parameters = Linear.reset_lora_parameters
+    @classmethod
+    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, *,
+                    split_sizes: Sequence[int] = (), enable_lora: Sequence[bool] = (),
+                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+        _, in_f = _linear_shapes(base_shape, fan_in_fan_out)
+        rows = [s for s, e in zip(split_sizes, enable_lora) if e]
+        return {"lora_A": (r * len(rows), in_f), "lora_B": (sum(rows), r)} if rows else {}
+
+    @classmethod
+    def check_fields(cls, info: dict[str, Any]) -> str | None:
+        sizes, enable = info["split_sizes"], info["enable_lora"]
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            return f"split_sizes={sizes!r} must be a list of positive ints"
+        if not all(isinstance(e, bool) for e in enable) or len(enable) != len(sizes) or not any(enable):
+            return f"enable_lora={enable!r} must be one bool per split_sizes entry ({len(sizes)}), at least one True"
+        out_f, _ = _linear_shapes(info["base_shape"], info.get("fan_in_fan_out", False))
+        if sum(sizes) != out_f:
+            return f"split_sizes={sizes!r} sum to {sum(sizes)}, not the {out_f} output rows of " \
+                   f"base_shape={info['base_shape']!r}"
+        return None
 
     def _blocks(self) -> list[tuple[int, int, int]]:
         """``(row_start, rows, first row in lora_B)`` per enabled slice."""
@@ -388,20 +272,25 @@ class MergedLinear(nn.Linear):
 
     def delta_weight(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``; rows of disabled slices are zero."""
-        delta = torch.zeros(self.out_features, self.in_features, device=self.lora_A.device,
-                            dtype=torch.promote_types(self.lora_A.dtype, torch.float32))
-        for start, size, A_i, B_i in self._slice_params():
-            delta[start:start + size] = (_wide(B_i) @ _wide(A_i)) * self.scaling  # (size, r) @ (r, in)
-        return delta.T if self.fan_in_fan_out else delta
+        return self._delta_out_in(list(self._slice_params()))
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # k slices of rank r -> one rank r*k LoRA on the fused matrix: A stacked (it already is), B block-structured.
+        A = self.lora_A.detach()
+        B = torch.zeros(self.out_features, A.shape[0], dtype=A.dtype, device=A.device)  # (out, r * k)
+        for i, (start, size, _, B_i) in enumerate(self._slice_params()):
+            B[start:start + size, i * self.r:(i + 1) * self.r] = B_i.detach()
+        return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.T if self.fan_in_fan_out else self.weight
-        if self.merged or not _has_lora(self):
+        weight = self._weight_out_in()
+        if self.merged or not has_adapter(self):
             return F.linear(x, weight, self.bias)
-        if _fusable(x, self.weight, self.lora_A):
+        dtype = _fused_dtype(x, self.weight, self.lora_A)
+        if dtype is not None:
             blocks = [(start, size, b_row, i * self.r) for i, (start, size, b_row) in enumerate(self._blocks())]
             return fused_lora_linear(x, weight.T, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                     _dropout_p(self), blocks, self.r)
+                                     _dropout_p(self), blocks, self.r, compute_dtype=dtype)
         result = F.linear(x, weight, self.bias)
         h = F.linear(self.lora_dropout(_lora_input(x, self.lora_A)), self.lora_A) * self.scaling  # (..., r * n)
         for i, (start, size, _, B_i) in enumerate(self._slice_params()):
@@ -409,19 +298,12 @@ class MergedLinear(nn.Linear):
             result[..., start:start + size] += F.linear(h[..., i * self.r:(i + 1) * self.r], B_i).to(result.dtype)
         return result
 
-    merge = Linear.merge
-    unmerge = Linear.unmerge
-
-    def extra_repr(self) -> str:
-        return (super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}, split_sizes={self.split_sizes}, "
-                f"enable_lora={self.enable_lora}, merged={self.merged}")
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Embedding
 
 
-class Embedding(nn.Embedding):
+class Embedding(LoRABase, nn.Embedding):
     """``nn.Embedding`` with a LoRA update: ``y = W[x] + scaling * (A^T)[x] B^T``.
 
     Signature as loralib's ``Embedding(num_embeddings, embedding_dim, r, lora_alpha, merge_weights, **kwargs)``.
@@ -431,6 +313,9 @@ class Embedding(nn.Embedding):
     out of place, with the scale treated as a constant as torch does; no parameter is ever renormalised in place.
     ``lora_dropout`` (keyword) drops entries of the looked-up rank-``r`` rows.
     """
+
+    adapts = nn.Embedding
+    peft_keys = ("lora_embedding_A", "lora_embedding_B")
 
     def __init__(
         self,
@@ -445,30 +330,38 @@ class Embedding(nn.Embedding):
         lora_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_lora_args(r, lora_alpha, lora_dropout)
-        super().__init__(num_embeddings, embedding_dim, **kwargs)
-        _init_common(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        self.fan_in_fan_out = False
-        if r > 0:
-            _new_lora_params(self, (r, num_embeddings), (embedding_dim, r), lora_dtype)
+        check_lora_args(r, lora_alpha, lora_dropout)
+        nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype)
+
+    @staticmethod
+    def base_kwargs(module: nn.Module) -> dict[str, Any]:
+        return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
+                "padding_idx": module.padding_idx, "max_norm": module.max_norm, "norm_type": module.norm_type,
+                "scale_grad_by_freq": module.scale_grad_by_freq, "sparse": module.sparse}
 
     @classmethod
-    def from_module(cls, base: nn.Embedding, **lora_kwargs: Any) -> "Embedding":
-        """Wrap ``base``, adopting its weight object (no copy, no re-initialisation of the base)."""
-        layer = cls(base.num_embeddings, base.embedding_dim, padding_idx=base.padding_idx, max_norm=base.max_norm,
-                    norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse,
-                    device="meta", dtype=base.weight.dtype, **lora_kwargs)
-        return _adopt(layer, base)
+    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
+                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": (r, base_shape[0]), "lora_B": (base_shape[1], r)}
+
+    @classmethod
+    def check_peft_compatible(cls, name: str, module: nn.Module) -> None:
+        if module.max_norm is not None:
+            # PEFT passes max_norm to the lookup of lora_embedding_A (renormalising the adapter in place); this
+            # library renormalises base + update together.
+            raise ValueError(f"module {name!r}: PEFT's LoRA Embedding handles max_norm={module.max_norm} differently")
 
     def reset_lora_parameters(self) -> None:
         """A zero, B standard normal (loralib's Embedding init: the update still starts at exactly zero)."""
-        if _has_lora(self):
+        if has_adapter(self):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``scaling * (B @ A)^T``."""
-        return (_wide(self.lora_B) @ _wide(self.lora_A)).T * self.scaling  # ((dim, r) @ (r, num))^T -> (num, dim)
+        delta = _wide(self.lora_A).T @ _wide(self.lora_B).T  # (num, r) @ (r, dim) -> (num, dim)
+        return delta.mul_(self.scaling)
 
     def _lookup(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         # max_norm deliberately not passed: F.embedding would renormalise `table` in place.
@@ -476,7 +369,7 @@ class Embedding(nn.Embedding):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self._lookup(x, self.weight)  # (...,) -> (..., dim)
-        if _has_lora(self) and not self.merged:
+        if has_adapter(self) and not self.merged:
             h = self.lora_dropout(self._lookup(x, self.lora_A.T))  # (..., r)
             result = result + F.linear(h * self.scaling, self.lora_B).to(result.dtype)  # (..., r) -> (..., dim)
         if self.max_norm is not None:
@@ -487,26 +380,22 @@ class Embedding(nn.Embedding):
             result = result * scale
         return result
 
-    merge = Linear.merge
-    unmerge = Linear.unmerge
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}"
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Convolutions
 
 
-class _ConvLoRA(nn.modules.conv._ConvNd):
+class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
     """Shared body of ``Conv1d``/``Conv2d``/``Conv3d``; each of those is also its ``nn.ConvNd``.
 
     Update: ``delta = scaling * (B @ A).view(weight.shape)`` with ``A: (r, in_channels // groups * prod(kernel))``
-    and ``B: (out_channels, r)``. The forward is factored: a conv of the input with ``A`` (``r`` output channels per
-    group, same stride/padding/dilation as the base), then a 1x1 grouped conv with ``B``.
+    and ``B: (out_channels, r)``. The plain forward is factored: a conv of the input with ``A`` (``r`` output
+    channels per group, same stride/padding/dilation as the base), then a 1x1 grouped conv with ``B``.
     """
 
     _conv: Any  # F.conv1d / F.conv2d / F.conv3d, set by the subclasses
+    base_fields = {"stride": (list,), "padding": (list, str), "dilation": (list,), "groups": (int,),
+                   "padding_mode": (str,)}
 
     def __init__(
         self,
@@ -522,27 +411,49 @@ class _ConvLoRA(nn.modules.conv._ConvNd):
         lora_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
-        _check_lora_args(r, lora_alpha, lora_dropout)
-        super().__init__(in_channels, out_channels, kernel_size, **kwargs)
-        _init_common(self, r, lora_alpha, lora_dropout, merge_weights, use_rslora)
-        self.fan_in_fan_out = False
-        if r > 0:
-            fan_in = in_channels // self.groups * math.prod(self.kernel_size)
-            _new_lora_params(self, (r, fan_in), (out_channels, r), lora_dtype)
+        check_lora_args(r, lora_alpha, lora_dropout)
+        self.adapts.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype)
+
+    @staticmethod
+    def base_kwargs(module: nn.Module) -> dict[str, Any]:
+        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
+                "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
+                "dilation": module.dilation, "groups": module.groups, "bias": module.bias is not None,
+                "padding_mode": module.padding_mode}
 
     @classmethod
-    def from_module(cls, base: nn.modules.conv._ConvNd, **lora_kwargs: Any) -> "_ConvLoRA":
-        """Wrap ``base``, adopting its weight and bias objects (no copy, no re-initialisation of the base)."""
-        layer = cls(base.in_channels, base.out_channels, base.kernel_size, stride=base.stride, padding=base.padding,
-                    dilation=base.dilation, groups=base.groups, bias=base.bias is not None,
-                    padding_mode=base.padding_mode, device="meta", dtype=base.weight.dtype, **lora_kwargs)
-        return _adopt(layer, base)
+    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
+                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+        return {"lora_A": (r, math.prod(base_shape[1:])), "lora_B": (base_shape[0], r)}
 
-    reset_lora_parameters = Linear.reset_lora_parameters
+    @classmethod
+    def check_fields(cls, info: dict[str, Any]) -> str | None:
+        for f in ("stride", "dilation"):
+            if f in info and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in info[f]):
+                return f"{f}={info[f]!r} must be a list of positive ints"
+        pad = info.get("padding")
+        if isinstance(pad, list) and not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pad):
+            return f"padding={pad!r} must be a list of non-negative ints or a string"
+        return None
+
+    @classmethod
+    def check_peft_compatible(cls, name: str, module: nn.Module) -> None:
+        # PEFT builds lora_A as Conv(in, r, kernel, stride, padding): no groups, dilation or padding_mode.
+        if module.groups != 1:
+            raise ValueError(f"module {name!r}: PEFT's conv LoRA differs from this library's for groups={module.groups}")
+        if any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
+            raise ValueError(f"module {name!r}: PEFT's conv LoRA ignores dilation={module.dilation} / "
+                             f"padding_mode={module.padding_mode!r}; its output would differ")
+
+    @classmethod
+    def peft_shapes(cls, module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        ones = (1,) * len(module.kernel_size)  # groups == 1 (checked): lora_A is Conv(in, r, kernel), lora_B 1x1
+        return (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, *ones)
 
     def delta_weight(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``(out, in // groups, *kernel)``."""
-        return (_wide(self.lora_B) @ _wide(self.lora_A)).view(self.weight.shape) * self.scaling
+        return (_wide(self.lora_B) @ _wide(self.lora_A)).mul_(self.scaling).view(self.weight.shape)
 
     def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
         g, r = self.groups, self.r
@@ -559,12 +470,12 @@ class _ConvLoRA(nn.modules.conv._ConvNd):
         return self._conv(h, b, None, 1, 0, 1, g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not _has_lora(self):
+        if self.merged or not has_adapter(self):
             return self._conv_forward(x, self.weight, self.bias)
-        # The fused conv runs the frozen filters inside a wider convolution; in 16-bit types the library may then
-        # pick another kernel and round differently, so an adapter at init would no longer equal its base exactly.
+        # The fused conv uses the merged filters; in 16-bit types their rounding would make an adapter at init
+        # differ from its base, so it runs in fp32/fp64 only (and without autocast, which picks its own dtypes).
         if (self.groups == 1 and not isinstance(self.padding, str) and _dropout_p(self) == 0
-                and x.dtype in (torch.float32, torch.float64) and _fusable(x, self.weight, self.lora_A)):
+                and x.dtype in (torch.float32, torch.float64) and _fused_dtype(x, self.weight, self.lora_A) == x.dtype):
             padding = self.padding
             if self.padding_mode != "zeros":
                 x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * len(padding)
@@ -574,35 +485,43 @@ class _ConvLoRA(nn.modules.conv._ConvNd):
         result = self._conv_forward(x, self.weight, self.bias)
         return result + self._lora_branch(x).to(result.dtype)
 
-    merge = Linear.merge
-    unmerge = Linear.unmerge
-
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}, merged={self.merged}"
-
 
 class Conv1d(_ConvLoRA, nn.Conv1d):
     """``nn.Conv1d`` with a LoRA update; see :class:`_ConvLoRA`. ``x: (N, C_in, L)``."""
 
+    adapts = nn.Conv1d
+    base_ndim = 3
     _conv = staticmethod(F.conv1d)
 
 
 class Conv2d(_ConvLoRA, nn.Conv2d):
     """``nn.Conv2d`` with a LoRA update; see :class:`_ConvLoRA`. ``x: (N, C_in, H, W)``."""
 
+    adapts = nn.Conv2d
+    base_ndim = 4
     _conv = staticmethod(F.conv2d)
 
 
 class Conv3d(_ConvLoRA, nn.Conv3d):
     """``nn.Conv3d`` with a LoRA update; see :class:`_ConvLoRA`. ``x: (N, C_in, D, H, W)``."""
 
+    adapts = nn.Conv3d
+    base_ndim = 5
     _conv = staticmethod(F.conv3d)
 
 
-for _cls in (Linear, MergedLinear, Embedding, Conv1d, Conv2d, Conv3d):
-    LoRALayer.register(_cls)
+# Every kind, by the name adapter files use. Injection, adapter files and PEFT derive what they need from these.
+KINDS: dict[str, type[LoRABase]] = {c.__name__: c for c in (Linear, MergedLinear, Embedding, Conv1d, Conv2d, Conv3d)}
 
 
-def is_lora_layer(module: nn.Module) -> bool:
-    """True for this library's LoRA layers and for loralib-style ``LoRALayer`` subclasses."""
-    return isinstance(module, LoRALayer)
+def kind_for(module: nn.Module, lora_kwargs: dict[str, Any] | None = None) -> type[LoRABase] | None:
+    """The kind that adapts ``module`` (by exact type) given these keyword arguments, or None if none does.
+
+    A kind with ``lora_fields`` (``MergedLinear``: ``split_sizes``/``enable_lora``) is chosen when one of them is
+    given; otherwise the kind without any.
+    """
+    special = set(lora_kwargs or ()) & {f for kind in KINDS.values() for f in kind.lora_fields}
+    for kind in KINDS.values():
+        if kind.adapts is type(module) and special <= set(kind.lora_fields) and bool(special) == bool(kind.lora_fields):
+            return kind
+    return None

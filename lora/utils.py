@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear, is_lora_layer
+from .base import LoRABase, has_adapter, is_lora_layer
 
 __all__ = [
     "BIAS_MODES",
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 BIAS_MODES = ("none", "all", "lora_only")
-LORA_PARAMS = ("lora_A", "lora_B")
+_LORALIB_PARAMS = ("lora_A", "lora_B")  # what a loralib-style LoRALayer subclass trains
 
 
 def _check_bias(bias: str) -> None:
@@ -37,26 +37,32 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _lora_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def _lora_params_of(module: nn.Module) -> tuple[str, ...]:
+    return module.lora_param_names() if isinstance(module, LoRABase) else _LORALIB_PARAMS
+
+
+def _lora_modules(model: nn.Module) -> Iterator[tuple[str, LoRABase]]:
+    """This library's LoRA layers that have an adapter, with their names."""
     for name, module in model.named_modules():
-        if is_lora_layer(module):
+        if isinstance(module, LoRABase) and has_adapter(module):
             yield name, module
 
 
 def lora_parameter_names(model: nn.Module, bias: str = "none") -> list[str]:
     """Names (as in ``model.named_parameters()``/``state_dict()``) of the parameters a LoRA run trains and saves.
 
-    ``bias='none'``: the ``lora_A``/``lora_B`` of LoRA layers. ``'all'``: those and every parameter named exactly
+    ``bias='none'``: the LoRA parameters of LoRA layers. ``'all'``: those and every parameter named exactly
     ``bias``. ``'lora_only'``: those and the ``bias`` of LoRA layers.
     """
     _check_bias(bias)
     names = []
     for mod_name, module in model.named_modules():
         lora = is_lora_layer(module)
+        wanted = _lora_params_of(module) if lora else ()
         for p_name, p in module.named_parameters(recurse=False):
             if p is None:
                 continue
-            if (lora and p_name in LORA_PARAMS) or (p_name == "bias" and (bias == "all" or (bias == "lora_only" and lora))):
+            if p_name in wanted or (p_name == "bias" and (bias == "all" or (bias == "lora_only" and lora))):
                 names.append(_join(mod_name, p_name))
     return names
 
@@ -69,79 +75,67 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> None:
 
 
 def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Tensor]:
-    """The subset of ``model.state_dict()`` that :func:`lora_parameter_names` selects (loralib's keys)."""
-    wanted = set(lora_parameter_names(model, bias))
-    state = model.state_dict()
-    # state_dict() keys follow the module tree; named_parameters() drops duplicates (tied weights) but a LoRA
-    # parameter is never tied, so every wanted name is a state_dict key.
-    return {k: v for k, v in state.items() if k in wanted}
+    """The subset of ``model.state_dict()`` that :func:`lora_parameter_names` selects (loralib's keys), detached.
+
+    Read from the parameters directly: ``state_dict()`` would also compute every merged layer's unmerged weight.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {name: params[name].detach() for name in lora_parameter_names(model, bias)}
 
 
-def merge_lora(model: nn.Module, safe: bool = False) -> nn.Module:
+def _check_mergeable(layers: list[tuple[str, LoRABase]]) -> None:
+    """``ValueError`` naming the first layer whose merged weight would not be finite; one layer's delta at a time."""
+    for name, m in layers:
+        if not m.merged_is_finite():
+            raise ValueError(f"refusing to merge {name or type(m).__name__}: its merged weight is not finite "
+                             f"(the delta, or weight + delta in {m.weight.dtype}, is inf or nan); "
+                             f"no layer was changed")
+
+
+def merge_lora(model: nn.Module, safe: bool = True) -> nn.Module:
     """Fold every LoRA layer's update into its weight, in place (fp32 sum, one cast). Idempotent.
 
-    With ``safe=True`` every delta is checked for inf/nan first; if any is not finite a ``ValueError`` names the
-    module and no weight is changed. Works on a single layer too. Returns ``model``.
+    ``safe`` (default): every merged weight is checked for inf/nan first; if any would not be finite a
+    ``ValueError`` names the module and no weight is changed. Each layer keeps an undo record of at most one byte
+    per weight (see :mod:`lora._merge`) so :func:`unmerge_lora` restores the weights bit for bit. Works on a single
+    layer too. Returns ``model``.
     """
-    layers = [(n, m) for n, m in _lora_modules(model) if hasattr(m, "merge")]
+    layers = list(_lora_modules(model))
     if safe:
-        with torch.no_grad():
-            for name, m in layers:
-                if not m.merged and m.r > 0 and m._parameters.get("lora_A") is not None:
-                    if not torch.isfinite(m.delta_weight()).all():
-                        raise ValueError(f"refusing to merge {name or type(m).__name__}: its LoRA delta is not finite")
+        _check_mergeable(layers)
     for _, m in layers:
-        m.merge()
+        m.merge(safe=False)
     return model
 
 
 def unmerge_lora(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge_lora` on every merged LoRA layer, restoring the weights bit for bit. Idempotent."""
+    """Undo :func:`merge_lora` on every merged LoRA layer: bit for bit where the undo record still applies."""
     for _, m in _lora_modules(model):
-        if hasattr(m, "unmerge"):
-            m.unmerge()
+        m.unmerge()
     return model
-
-
-_PLAIN = {Linear: nn.Linear, MergedLinear: nn.Linear, Embedding: nn.Embedding,
-          Conv1d: nn.Conv1d, Conv2d: nn.Conv2d, Conv3d: nn.Conv3d}
-
-
-def _plain_copy(m: nn.Module) -> nn.Module:
-    """The plain torch layer of a (merged) LoRA layer, sharing its weight and bias objects."""
-    if isinstance(m, (Linear, MergedLinear)):
-        plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-    elif isinstance(m, Embedding):
-        plain = nn.Embedding(m.num_embeddings, m.embedding_dim, padding_idx=m.padding_idx, max_norm=m.max_norm,
-                             norm_type=m.norm_type, scale_grad_by_freq=m.scale_grad_by_freq, sparse=m.sparse,
-                             device="meta")
-    else:
-        plain = _PLAIN[type(m)](m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=m.padding,
-                                dilation=m.dilation, groups=m.groups, bias=m.bias is not None,
-                                padding_mode=m.padding_mode, device="meta")
-    plain.weight = m.weight
-    if getattr(m, "bias", None) is not None:
-        plain.bias = m.bias
-    plain.train(m.training)
-    return plain
 
 
 def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     """Merge every LoRA layer and replace it by its plain torch layer (``nn.Linear``, ...), for deployment.
 
-    The weights are merged in place and adopted by the plain layers (no copy). ``safe`` (default True) refuses a
-    non-finite delta before anything changes. If ``model`` itself is a LoRA layer, the plain layer is returned.
-    LoRA layers of other libraries (loralib-style subclasses) are left as they are.
+    Final: no undo record is kept. Layer by layer (merge one, swap it for its plain layer, go on), so the memory
+    above the model's own at any time is one layer's fp32 delta. The merged weights are the LoRA layers' own
+    Parameter objects, adopted by the plain layers (no copy). ``safe`` (default) checks every merged weight for
+    inf/nan before anything changes. If ``model`` itself is a LoRA layer, the plain layer is returned. LoRA layers
+    of other libraries (loralib-style subclasses) are left as they are.
     """
-    for name, m in model.named_modules():  # check before merging: a refusal must leave the model as it was
-        if type(m) in (Linear, MergedLinear) and m.fan_in_fan_out:
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRABase)]
+    for name, m in layers:  # check before merging: a refusal must leave the model as it was
+        if m.fan_in_fan_out:
             raise ValueError(f"merge_and_unload cannot turn the fan_in_fan_out layer {name or type(m).__name__!r} "
-                             f"into nn.Linear; merge_lora it instead")
-    merge_lora(model, safe=safe)
-    if type(model) in _PLAIN:
-        return _plain_copy(model)
-    for name, m in list(model.named_modules()):
-        if type(m) in _PLAIN:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, _plain_copy(m))
+                             f"into {m.adapts.__name__}; merge_lora it instead")
+    if safe:
+        _check_mergeable([(n, m) for n, m in layers if has_adapter(m)])
+    for name, m in layers:
+        m.merge(safe=False, exact_unmerge=False)
+        m._merge_record = None  # a layer merged earlier by merge_lora: its record is no longer needed
+        plain = m.to_plain()
+        if not name:
+            return plain
+        model.set_submodule(name, plain)
     return model

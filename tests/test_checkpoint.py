@@ -23,6 +23,8 @@ from safetensors.torch import load_file, save_file
 
 import lora
 import lora.checkpoint
+import lora.peft_format
+from lora._io import write_safetensors
 import lora.phi3
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -217,9 +219,9 @@ def test_buffer_called_bias_is_never_overwritten(tmp_path):
     _load_fails(Attn(), tmp_path / "b.safetensors", "bias: tensor in the file matches no LoRA parameter or bias")
 
 
-def _crash_halfway(real_save_file):
-    def save_file_then_crash(tensors, filename, metadata=None):
-        real_save_file(tensors, filename, metadata=metadata)
+def _crash_halfway(real_write):
+    def save_file_then_crash(filename, tensors, metadata=None):
+        real_write(filename, tensors, metadata)
         data = Path(filename).read_bytes()
         Path(filename).write_bytes(data[: len(data) // 2])  # a half-written file ...
         raise OSError("simulated crash mid-save")  # ... and then the process dies
@@ -233,7 +235,7 @@ def test_crash_mid_save_keeps_previous_file_and_leaves_no_temp_file(tmp_path, mo
     lora.save_lora(model, path)
     before = path.read_bytes()
     randomize_lora(model, seed=1)
-    monkeypatch.setattr(lora.checkpoint, "save_file", _crash_halfway(save_file))
+    monkeypatch.setattr(lora.checkpoint, "write_safetensors", _crash_halfway(write_safetensors))
     with pytest.raises(OSError, match="simulated crash"):
         lora.save_lora(model, path)
     assert path.read_bytes() == before
@@ -244,7 +246,7 @@ def test_crash_mid_save_keeps_previous_file_and_leaves_no_temp_file(tmp_path, mo
     lora.export_peft(model, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     randomize_lora(model, seed=2)
-    monkeypatch.setattr(lora.checkpoint, "save_file", _crash_halfway(save_file))
+    monkeypatch.setattr(lora.peft_format, "write_safetensors", _crash_halfway(write_safetensors))
     with pytest.raises(OSError, match="simulated crash"):
         lora.export_peft(model, out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -346,8 +348,8 @@ def test_other_slice_layout_or_rank_on_injected_model(phi3_adapter):
     path, _ = phi3_adapter
     model = hf_model()
     lora.phi3.inject(model, r=4, qkv_slices=("q", "v"))
-    _load_fails(model, path, *(f"model.layers.{i}.self_attn.qkv_proj: slices expected split_sizes=[64, 32, 32] "
-                               f"enable_lora=[True, True, True], found [64, 32, 32] [True, False, True]"
+    _load_fails(model, path, *(f"model.layers.{i}.self_attn.qkv_proj: enable_lora expected [True, True, True], "
+                               f"found [True, False, True]"
                                for i in range(2)))
     model = hf_model()
     lora.phi3.inject(model, r=2)
@@ -436,8 +438,8 @@ BAD_METADATA = [
     ("alpha_nan", _mutate_module("lora_alpha", float("nan")), "lora_alpha=nan"),
     ("alpha_list", _mutate_module("lora_alpha", [8]), "lora_alpha=[8] has type list"),
     ("dropout", _mutate_module("lora_dropout", 1.5), "lora_dropout=1.5 must be in [0, 1)"),
-    ("shape_strings", _mutate_module("base_shape", ["128", 64]), "base_shape=['128', 64] must be a list of positive"),
-    ("shape_ndim", _mutate_module("base_shape", [128, 64, 1]), "must have 2 dims"),
+    ("shape_strings", _mutate_module("base_shape", ["128", 64]), "base_shape=['128', 64] must be 2 positive ints"),
+    ("shape_ndim", _mutate_module("base_shape", [128, 64, 1]), "base_shape=[128, 64, 1] must be 2 positive ints"),
     ("split_missing", _mutate_module("split_sizes", KeyError), "lacks the field 'split_sizes'"),
     ("split_strings", _mutate_module("split_sizes", ["a", "b", "c"]), "split_sizes=['a', 'b', 'c'] must be a list"),
     ("split_sum", _mutate_module("split_sizes", [32, 32, 32]), "sum to 96, not the 128 output rows"),

@@ -147,7 +147,7 @@ def test_fused_conv_at_init_is_within_rounding_of_the_torch_layer(kind):
     base = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims](64, 64, 3, padding=1)
     layer = getattr(lora, kind).from_module(base, r=8)
     x = torch.randn(2, 64, *([10] * dims))
-    want = base(x)
+    want = base(x).detach()
     torch.testing.assert_close(layer(x), want, rtol=0, atol=1e-6 * float(want.abs().max()))
 
 
@@ -165,7 +165,8 @@ def test_fan_in_fan_out_linear_at_init_is_linear_on_the_transposed_weight():
     layer = lora.Linear(6, 5, r=2, fan_in_fan_out=True)
     assert layer.weight.shape == (6, 5)
     x = torch.randn(3, 6)
-    assert torch.equal(layer(x), plain_twin(layer)(x))
+    # The same products from (in, out) vs (out, in) memory: a BLAS may sum them in another order, so within rounding.
+    torch.testing.assert_close(layer(x), plain_twin(layer)(x), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -412,9 +413,9 @@ def test_unmerge_after_a_cast_while_merged_is_a_plain_subtraction_not_garbage():
         layer.weight.mul_(1e-6)  # tiny W, large delta: the fp32 residual is far outside int8
     w0 = layer.weight.detach().clone()
     layer.merge()
-    assert layer._unmerge_residual.dtype == torch.int64
+    assert layer._merge_record.escape_index.numel() > 0  # original fp32 bits kept for the swamped weights
     layer.to(torch.bfloat16)
-    layer.unmerge()  # the int64 fp32-bit residual applied to bf16 bits would give garbage (inf, nan, 1e30)
+    layer.unmerge()  # the fp32 record applied to bf16 bits would give garbage (inf, nan, 1e30)
     assert (layer.weight.float() - w0).abs().max() <= 2**-6 * layer.delta_weight().abs().max()
 
 
@@ -428,7 +429,7 @@ def test_safe_merge_refuses_a_non_finite_delta_and_changes_nothing(kind, bad):
     w0 = bits(layer.weight)
     with pytest.raises(ValueError, match="not finite"):
         layer.merge(safe=True)
-    assert not layer.merged and torch.equal(bits(layer.weight), w0) and "_unmerge_residual" not in layer._buffers
+    assert not layer.merged and torch.equal(bits(layer.weight), w0) and layer._merge_record is None
 
 
 # ---------------------------------------------------------------------------------------------------------------

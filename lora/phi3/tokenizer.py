@@ -281,11 +281,16 @@ class HFTokenizer:
 
         Phi-3's decoder drops one leading space of the whole result, so decode a growing list (or use
         :class:`StreamDecoder`) rather than joining per-token decodes, which would lose every word's space.
+
+        An id past the vocabulary decodes to nothing, as in transformers: checkpoints pad the embedding beyond
+        the tokenizer (Phi-3: 32064 rows for 32011 tokens) and generation may pick a padding row. A negative id
+        (such as -100, a masked label) raises ``ValueError``.
         """
+        ids = [int(i) for i in ids]
         for i in ids:
-            if not 0 <= int(i) < self.vocab_size:
-                raise ValueError(f"token id {int(i)} is outside {self.path}'s vocabulary (size {self.vocab_size})")
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+            if i < 0:
+                raise ValueError(f"token id {i} is negative; {self.path} has ids 0..{self.vocab_size - 1}")
+        return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str) -> int:
         """Id of a vocabulary entry or added token; ``KeyError`` if there is none."""

@@ -265,7 +265,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     if logits.shape[:-1] != labels.shape:
-        raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape {tuple(logits.shape)} minus vocab")
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be logits shape {tuple(logits.shape)} minus vocab")
     targets = F.pad(labels.to(logits.device), (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): labels[:, t + 1]
     return F.cross_entropy(
         logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction=reduction

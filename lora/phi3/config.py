@@ -219,7 +219,7 @@ class Phi3Config:
         refused: Phi-3 has neither.
         """
         if not isinstance(d, dict):
-            raise ValueError(f"Phi3Config.from_dict expects a dict, got {type(d).__name__}")
+            raise ValueError(f"Phi3Config.from_dict expects a dict, got {type(d).__name__}")  # noqa: TRY004
         _check_architecture(d)
         if d.get("attention_bias", False):
             raise ValueError(f"Phi3Config: attention_bias={d['attention_bias']!r} is not supported (Phi-3 has no biases)")
@@ -310,7 +310,7 @@ def _parse_rope(d: dict[str, Any]) -> dict[str, Any]:
     rope = hub if hub is not None else saved if saved is not None else {}
     field = "rope_scaling" if hub is not None else "rope_parameters"
     if not isinstance(rope, dict):
-        raise ValueError(f"Phi3Config.{field} must be null or a dict, got {rope!r}")
+        raise ValueError(f"Phi3Config.{field} must be null or a dict, got {rope!r}")  # noqa: TRY004
 
     out: dict[str, Any] = {}
     for name, default in (("rope_theta", 10000.0), ("partial_rotary_factor", 1.0)):
@@ -338,7 +338,7 @@ def _parse_rope(d: dict[str, Any]) -> dict[str, Any]:
     elif rope_type in _LONGROPE_ALIASES:
         for name in ("short_factor", "long_factor"):
             if not isinstance(rope.get(name), list):
-                raise ValueError(f"Phi3Config.{field}.{name} must be a list of numbers, got {rope.get(name)!r}")
+                raise ValueError(f"Phi3Config.{field}.{name} must be a list of numbers, got {rope.get(name)!r}")  # noqa: TRY004
         out["rope_scaling"] = LongRoPEScaling(
             short_factor=tuple(rope["short_factor"]),
             long_factor=tuple(rope["long_factor"]),

@@ -11,13 +11,14 @@ and (optionally) ``head_dim`` are read: the core never imports transformers.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
-import torch.nn as nn
+from torch import nn
 
 from ..injection import inject as inject_modules
 
-__all__ = ["TARGETS", "QKV_SLICES", "GATE_UP_SLICES", "inject", "split_sizes", "trainable_count"]
+__all__ = ["GATE_UP_SLICES", "QKV_SLICES", "TARGETS", "inject", "split_sizes", "trainable_count"]
 
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 QKV_SLICES = ("q", "k", "v")

@@ -343,7 +343,7 @@ class Phi3ForCausalLM(nn.Module):
     def __init__(self, config: Phi3Config, device: torch.device | str | None = None) -> None:
         super().__init__()
         if not isinstance(config, Phi3Config):
-            raise ValueError(f"config must be a Phi3Config, got {type(config).__name__}")
+            raise ValueError(f"config must be a Phi3Config, got {type(config).__name__}")  # noqa: TRY004
         self.config = config
         self.model = Phi3Model(config, device=device)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
@@ -528,7 +528,7 @@ class Phi3ForCausalLM(nn.Module):
         loaded: dict[str, Tensor] = {}
         for file in _weight_files(path):
             with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                     if config.tie_word_embeddings and key == "lm_head.weight":
                         continue  # transformers ties too, ignoring a stored head
                     if key not in expected:

@@ -157,9 +157,8 @@ class JinjaChatTemplate:
     def segments(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> list[Segment]:
         # A private-use character found in no content and not in the template marks where each content goes.
         contents = [m["content"] for m in messages]
-        mark = next(
-            chr(c) for c in range(0xE000, 0xF900) if chr(c) not in self.source and all(chr(c) not in s for s in contents)
-        )
+        unused = (chr(c) for c in range(0xE000, 0xF900))
+        mark = next(c for c in unused if c not in self.source and all(c not in s for s in contents))
         # Empty contents keep their value (a template may test them, as Phi-3.5-mini's does an empty system message),
         # except an assistant's, whose closing <|end|> is still labelled and so must be located.
         marked = [

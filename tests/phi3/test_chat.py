@@ -216,7 +216,8 @@ def checkpoint_tokenizer(request, tmp_path_factory, phi4_like_tokenizer, chat_te
         phi3_like_tokenizer(directory)
         path, tokens = directory / "tokenizer.json", {"eos_token": "<|endoftext|>"}
     tokenizer_config(directory, chat_templates[name], **tokens)
-    oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), chat_template=chat_templates[name], **tokens)
+    oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), chat_template=chat_templates[name],
+                                                  **tokens)
     return name, load_tokenizer(directory), oracle
 
 
@@ -279,7 +280,7 @@ def test_template_file_forms(tmp_path: Path, tokenizer_config) -> None:
 
 
 @pytest.mark.parametrize("template, match", [
-    ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>{% endfor %}", "changes message content"),
+    ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>{% endfor %}", "changes message"),
     ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}", "no stop token"),
     ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}<|end|>{% endfor %}", "twice"),
 ])

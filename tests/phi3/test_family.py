@@ -31,10 +31,11 @@ def _longrope(n: int) -> dict:
             "long_factor": [1.0 + 1.5 * i for i in range(n)]}
 
 
-_MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
-             num_key_value_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
-             sliding_window=2047, rope_theta=10000.0, bos_token_id=1, eos_token_id=32000, pad_token_id=32000)
-_LONG = dict(max_position_embeddings=131072, rope_scaling=_longrope(48), sliding_window=262144)
+_MINI = {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
+         "original_max_position_embeddings": 4096, "sliding_window": 2047, "rope_theta": 10000.0, "bos_token_id": 1,
+         "eos_token_id": 32000, "pad_token_id": 32000}
+_LONG = {"max_position_embeddings": 131072, "rope_scaling": _longrope(48), "sliding_window": 262144}
 _MEDIUM = dict(_MINI, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
                num_key_value_heads=10)
 # member -> (published config.json fields, (heads, kv heads) of its width-reduced twin, its chat template)

@@ -8,13 +8,14 @@ import lora.phi3
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1,
+        "eos_token_id": 2}
 # microsoft/Phi-3-mini-4k-instruct and microsoft/Phi-3-medium-4k-instruct config.json (the fields that size LoRA)
-MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-            num_attention_heads=32, num_key_value_heads=32, pad_token_id=32000, eos_token_id=32000)
-MEDIUM = dict(vocab_size=32064, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40,
-              num_attention_heads=40, num_key_value_heads=10, pad_token_id=32000, eos_token_id=32000)
+MINI = {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 32, "pad_token_id": 32000, "eos_token_id": 32000}
+MEDIUM = {"vocab_size": 32064, "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
+          "num_attention_heads": 40, "num_key_value_heads": 10, "pad_token_id": 32000, "eos_token_id": 32000}
 
 
 def hf_model(**overrides):
@@ -34,7 +35,8 @@ def _has_our_model() -> bool:
     return hasattr(lora.phi3, "Phi3ForCausalLM")
 
 
-BUILDERS = [pytest.param(hf_model, id="transformers")] + ([pytest.param(our_model, id="ours")] if _has_our_model() else [])
+BUILDERS = [pytest.param(hf_model, id="transformers")]
+BUILDERS += [pytest.param(our_model, id="ours")] if _has_our_model() else []
 
 
 def logits(model, ids):

@@ -223,7 +223,7 @@ def test_stream_decoder_holds_back_half_a_character() -> None:
 TEXTS = ("the cat is here", " leading space", "naïve café € ✓ 🐈 猫", "a\n\nb  c", "<|user|>\nhi<|end|>\n<|assistant|>")
 
 
-@pytest.fixture(scope="module", params=["phi3 (SentencePiece-style, byte fallback)", "phi4-mini (GPT-style byte-level)"])
+@pytest.fixture(scope="module", params=["phi3 (SentencePiece-style byte fallback)", "phi4-mini (GPT-style byte-level)"])
 def both_kinds(request, tmp_path_factory, phi3_like_tokenizer, phi4_like_tokenizer) -> tuple[HFTokenizer, object]:
     """Our HFTokenizer and transformers' tokenizer on the same tokenizer.json, of each kind the family uses."""
     transformers = pytest.importorskip("transformers")

@@ -989,3 +989,45 @@ def test_property_export_import_peft_is_identity(tmp_path, spec, uniform):
             assert torch.equal(got.lora_A, m.lora_A) and torch.equal(got.lora_B, m.lora_B)
             assert got.lora_A.dtype == m.lora_A.dtype
             assert got.scaling == pytest.approx(m.scaling, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Round 2: what the bad-input probe found
+
+
+def _rewrite(path: Path, out: Path, change) -> None:
+    """Copy an adapter file with ``change(tensors)`` applied to its tensors, keeping the metadata."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(out), metadata=meta)
+
+
+def test_tensor_of_another_dtype_than_the_metadata_is_refused(phi3_adapter, tmp_path):
+    path, _ = phi3_adapter
+    key = "model.layers.0.self_attn.o_proj.lora_A"
+    _rewrite(path, tmp_path / "bf16.safetensors", lambda t: t.update({key: t[key].bfloat16()}))
+    _load_fails(hf_model(), tmp_path / "bf16.safetensors",
+                f"{key}: dtype bfloat16 differs from the metadata's lora_dtype='float32'")
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_non_finite_tensor_values_are_refused_unless_allowed(phi3_adapter, tmp_path, bad):
+    path, _ = phi3_adapter
+    key = "model.layers.1.mlp.down_proj.lora_B"
+
+    def poison(t):
+        t[key][0, 0] = bad
+
+    _rewrite(path, tmp_path / "bad.safetensors", poison)
+    _load_fails(hf_model(), tmp_path / "bad.safetensors", f"{key}: holds 1 inf/nan values", "allow_nonfinite=True")
+    model = hf_model()
+    lora.load_lora(model, tmp_path / "bad.safetensors", allow_nonfinite=True)
+    value = model.get_submodule("model.layers.1.mlp.down_proj").lora_B[0, 0]
+    assert not torch.isfinite(value)
+
+
+def test_a_directory_is_reported_as_a_directory(tmp_path):
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        lora.load_lora(nn.Sequential(nn.Linear(2, 2)), tmp_path)

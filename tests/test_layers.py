@@ -907,3 +907,41 @@ def test_property_factored_conv_equals_conv_with_the_merged_weight(case):
     layer, x = layer.double(), x.double()
     merged = plain_twin(layer, weight=layer.weight + layer.delta_weight())
     torch.testing.assert_close(layer(x), merged(x), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fused path under autocast: Hugging Face Trainer's bf16 (fp32 weights) and the example's --bf16 (bf16 weights)
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+def test_fused_path_serves_autocast_and_matches_the_plain_ops(kind, weight_dtype):
+    import lora.functional
+
+    layer, x = build(kind, weight_dtype, lora_dropout=0.0)
+    randomize(layer, std=0.3)
+    x = x.float().requires_grad_()
+
+    def run(fused: bool):
+        for p in (x, layer.lora_A, layer.lora_B):
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16), \
+                mock.patch.object(lora.functional._FusedLoRALinear, "apply",
+                                  wraps=lora.functional._FusedLoRALinear.apply) as spy:
+            if not fused:  # the plain ops, as under torch.compile
+                with mock.patch("lora.layers._fused_dtype", return_value=None):
+                    y = layer(x)
+            else:
+                y = layer(x)
+        y.float().square().sum().backward()
+        return y, spy.call_count, [p.grad.clone() for p in (x, layer.lora_A, layer.lora_B)]
+
+    y_fused, calls, grads_fused = run(fused=True)
+    y_plain, plain_calls, grads_plain = run(fused=False)
+    assert calls == 1 and plain_calls == 0
+    assert y_fused.dtype == y_plain.dtype == torch.bfloat16  # what autocast's own matmul gives
+    assert grads_fused[0].dtype == torch.float32 and grads_fused[1].dtype == layer.lora_A.dtype
+    y_fused, y_plain = y_fused.detach().float(), y_plain.detach().float()
+    torch.testing.assert_close(y_fused, y_plain, rtol=2e-2, atol=2e-2 * float(y_plain.abs().max()))
+    for gf, gp in zip(grads_fused, grads_plain):
+        torch.testing.assert_close(gf, gp, rtol=3e-2, atol=3e-2 * float(gp.abs().max()))

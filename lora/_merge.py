@@ -29,7 +29,7 @@ __all__ = ["RECORD_BUDGET", "RECORD_FLOOR", "MergeRecord", "merged_is_finite", "
 
 RECORD_BUDGET = 1.0  # bytes of undo record per weight element, at most ...
 RECORD_FLOOR = 4096  # ... or this many bytes in all, whichever is more (a tiny layer's record is no burden)
-CHUNK = 1 << 20  # weights per pass; even, so 4-bit codes pair up within a chunk
+CHUNK = 1 << 18  # weights per pass (1 MiB per fp32 temporary); even, so 4-bit codes pair up within a chunk
 _ESCAPE = 15  # 4-bit code for "difference outside [-7, 7]: the original bits are stored sparsely"
 _INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -89,8 +89,15 @@ def merged_is_finite(w: torch.Tensor, delta: torch.Tensor) -> bool:
     """Whether ``round(w + delta)`` in ``w``'s dtype is finite everywhere (an fp16 65000 + 1000 is not)."""
     acc = _acc_dtype(w, delta)
     wf, df = w.detach().reshape(-1), delta.reshape(-1)
+    if not wf.numel():
+        return True
+    # Two reductions settle the usual case: |w + d| <= max|w| + max|d|, and below finfo.max by more than half an
+    # ulp nothing rounds up to inf (nan in either makes the comparison false: then the elementwise check decides).
+    bound = sum(max(-float(lo), float(hi)) for lo, hi in (torch.aminmax(wf), torch.aminmax(df)))  # no |x| copy
+    if bound < torch.finfo(w.dtype).max * (1 - torch.finfo(w.dtype).eps):
+        return True
     for a, b in _chunks(wf.numel()):
-        if not torch.isfinite((wf[a:b].to(acc) + df[a:b].to(acc)).to(w.dtype)).all():
+        if not torch.isfinite(wf[a:b].to(acc).add_(df[a:b]).to(w.dtype)).all():
             return False
     return True
 
@@ -108,7 +115,7 @@ def merge_(w: torch.Tensor, delta: torch.Tensor, record: bool) -> MergeRecord | 
     with torch.no_grad():
         for a, b in _chunks(n):
             orig, d = wf[a:b], df[a:b].to(acc)
-            merged = (orig.to(acc) + d).to(w.dtype)
+            merged = orig.to(acc).add_(d).to(w.dtype)
             if record:
                 approx = (merged.to(acc) - d).to(w.dtype)
                 diff = _wide_bits(orig) - _wide_bits(approx)

@@ -111,8 +111,10 @@ class _LinearKind(LoRABase):
         for start, size, A_i, B_i in blocks:
             if self.fan_in_fan_out:  # (in, r) @ (r, size) -> columns of the (in, out) weight
                 delta[:, start:start + size] = _wide(A_i).T @ _wide(B_i).T
-            else:  # (size, r) @ (r, in) -> rows of the (out, in) weight
+            elif torch.is_grad_enabled():  # (size, r) @ (r, in) -> rows of the (out, in) weight
                 delta[start:start + size] = _wide(B_i) @ _wide(A_i)
+            else:  # merging: straight into the rows, no second slice-sized temporary
+                torch.mm(_wide(B_i), _wide(A_i), out=delta[start:start + size])
         return delta.mul_(self.scaling)
 
 

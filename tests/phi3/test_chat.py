@@ -286,13 +286,11 @@ def test_template_file_forms(tmp_path: Path, tokenizer_config) -> None:
 ])
 def test_templates_without_an_exact_mask_are_refused(hf: HFTokenizer, template: str, match: str) -> None:
     pytest.importorskip("jinja2")
-    hf.chat_template = JinjaChatTemplate(template)
-    try:
-        with pytest.raises(ValueError, match=match):
-            tokenize_conversation([Message(role="user", content=" q "), Message(role="assistant", content="a")], hf,
-                                  max_length=100)
-    finally:
-        hf.chat_template = None
+    tok = HFTokenizer(hf.path)
+    tok.chat_template = JinjaChatTemplate(template)
+    with pytest.raises(ValueError, match=match):
+        tokenize_conversation([Message(role="user", content=" q "), Message(role="assistant", content="a")], tok,
+                              max_length=100)
 
 
 def test_template_needs_jinja2(tmp_path: Path, tokenizer_config, monkeypatch: pytest.MonkeyPatch) -> None:

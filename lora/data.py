@@ -74,7 +74,7 @@ class LoadStats:
 def _message(role: object, content: object, where: str) -> Message:
     if not isinstance(role, str) or not isinstance(content, str):
         kinds = f"{type(role).__name__} and {type(content).__name__}"
-        raise ValueError(f"{where} needs a string role and content, got {kinds}")  # noqa: TRY004 (bad data)
+        raise ValueError(f"{where} needs a string role and content, got {kinds}")
     return Message(role=role, content=content)
 
 
@@ -95,7 +95,7 @@ def to_messages(record: object) -> list[Message]:
     Other keys are ignored.
     """
     if not isinstance(record, Mapping):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")  # noqa: TRY004 (bad data)
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     candidates = {"messages": ("messages",), "conversations": ("conversations",), "alpaca": ("instruction", "output")}
     formats = [name for name, keys in candidates.items() if all(k in record for k in keys)]
     if len(formats) != 1:
@@ -126,7 +126,7 @@ def to_messages(record: object) -> list[Message]:
 
     instruction, output, extra = record["instruction"], record["output"], record.get("input")
     if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, (str, type(None))):
-        raise ValueError(  # noqa: TRY004 (bad data)
+        raise ValueError(
             "alpaca record needs string 'instruction' and 'output', and 'input' a string or absent"
         )
     user = instruction + "\n\n" + extra if extra else instruction

@@ -102,7 +102,8 @@ class Phi3Config:
 
     @property
     def rotary_dim(self) -> int:
-        """How many leading channels of each head are rotated (transformers: ``int(head_dim * partial_rotary_factor)``)."""
+        """How many leading channels of each head are rotated: ``int(head_dim * partial_rotary_factor)``, as
+        transformers."""
         return int(self.head_dim * self.partial_rotary_factor)
 
     @property
@@ -161,7 +162,9 @@ class Phi3Config:
                 f"num_attention_heads={self.num_attention_heads}"
             )
         if self.hidden_act != "silu":
-            raise ValueError(f"Phi3Config.hidden_act must be 'silu' (the only activation Phi-3 uses), got {self.hidden_act!r}")
+            raise ValueError(
+                f"Phi3Config.hidden_act must be 'silu' (the only activation Phi-3 uses), got {self.hidden_act!r}"
+            )
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0:
@@ -178,9 +181,13 @@ class Phi3Config:
                 f"(head_dim={self.head_dim}); it must be a positive even number"
             )
         if self.sliding_window is not None and (
-            isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int) or self.sliding_window <= 0
+            isinstance(self.sliding_window, bool)
+            or not isinstance(self.sliding_window, int)
+            or self.sliding_window <= 0
         ):
-            raise ValueError(f"Phi3Config.sliding_window must be None or a positive integer, got {self.sliding_window!r}")
+            raise ValueError(
+                f"Phi3Config.sliding_window must be None or a positive integer, got {self.sliding_window!r}"
+            )
         if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
             # transformers hands pad_token_id to nn.Embedding as padding_idx, which needs it inside the vocabulary.
             raise ValueError(
@@ -189,7 +196,9 @@ class Phi3Config:
         if self.eos_token_id is not None and not all(
             isinstance(i, int) and not isinstance(i, bool) for i in self.eos_token_ids
         ):
-            raise ValueError(f"Phi3Config.eos_token_id must be None, an int or a list of ints, got {self.eos_token_id!r}")
+            raise ValueError(
+                f"Phi3Config.eos_token_id must be None, an int or a list of ints, got {self.eos_token_id!r}"
+            )
         scaling = self.rope_scaling
         if scaling is not None:
             if not isinstance(scaling, LongRoPEScaling):
@@ -219,10 +228,12 @@ class Phi3Config:
         refused: Phi-3 has neither.
         """
         if not isinstance(d, dict):
-            raise ValueError(f"Phi3Config.from_dict expects a dict, got {type(d).__name__}")  # noqa: TRY004
+            raise ValueError(f"Phi3Config.from_dict expects a dict, got {type(d).__name__}")
         _check_architecture(d)
         if d.get("attention_bias", False):
-            raise ValueError(f"Phi3Config: attention_bias={d['attention_bias']!r} is not supported (Phi-3 has no biases)")
+            raise ValueError(
+                f"Phi3Config: attention_bias={d['attention_bias']!r} is not supported (Phi-3 has no biases)"
+            )
         kwargs: dict[str, Any] = {}
         for field in dataclasses.fields(cls):
             if field.name in d and field.name not in ("rope_theta", "rope_scaling", "partial_rotary_factor"):
@@ -310,7 +321,7 @@ def _parse_rope(d: dict[str, Any]) -> dict[str, Any]:
     rope = hub if hub is not None else saved if saved is not None else {}
     field = "rope_scaling" if hub is not None else "rope_parameters"
     if not isinstance(rope, dict):
-        raise ValueError(f"Phi3Config.{field} must be null or a dict, got {rope!r}")  # noqa: TRY004
+        raise ValueError(f"Phi3Config.{field} must be null or a dict, got {rope!r}")
 
     out: dict[str, Any] = {}
     for name, default in (("rope_theta", 10000.0), ("partial_rotary_factor", 1.0)):
@@ -338,7 +349,7 @@ def _parse_rope(d: dict[str, Any]) -> dict[str, Any]:
     elif rope_type in _LONGROPE_ALIASES:
         for name in ("short_factor", "long_factor"):
             if not isinstance(rope.get(name), list):
-                raise ValueError(f"Phi3Config.{field}.{name} must be a list of numbers, got {rope.get(name)!r}")  # noqa: TRY004
+                raise ValueError(f"Phi3Config.{field}.{name} must be a list of numbers, got {rope.get(name)!r}")
         out["rope_scaling"] = LongRoPEScaling(
             short_factor=tuple(rope["short_factor"]),
             long_factor=tuple(rope["long_factor"]),

@@ -37,7 +37,8 @@ def split_sizes(config: Any) -> dict[str, tuple[int, ...]]:
 
 
 def _check_subset(name: str, chosen: Sequence[str], allowed: Sequence[str]) -> list[bool]:
-    if isinstance(chosen, str) or not chosen or any(c not in allowed for c in chosen) or len(set(chosen)) != len(chosen):
+    if (isinstance(chosen, str) or not chosen or any(c not in allowed for c in chosen)
+            or len(set(chosen)) != len(chosen)):
         raise ValueError(f"{name}={chosen!r} must be a non-empty subset of {allowed}")
     return [a in chosen for a in allowed]
 

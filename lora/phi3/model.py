@@ -107,7 +107,9 @@ class Phi3RotaryEmbedding(nn.Module):
             self.inv_freq, self.long_inv_freq = _inverse_frequencies(self.config, self.inv_freq.device)
         return self
 
-    def forward(self, position_ids: Tensor, dtype: torch.dtype, max_position: int | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, position_ids: Tensor, dtype: torch.dtype, max_position: int | None = None
+    ) -> tuple[Tensor, Tensor]:
         """position_ids: (B or 1, T) -> cos, sin: (B or 1, T, 1, rotary_dim) in ``dtype``.
 
         LongRoPE picks the long factors for the whole batch when ``max(position_ids) + 1`` exceeds
@@ -259,7 +261,8 @@ def _attention_mask(
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[1] != kv_len:
             raise ValueError(
-                f"attention_mask must be (batch, past + new tokens) = (batch, {kv_len}), got {tuple(attention_mask.shape)}"
+                f"attention_mask must be (batch, past + new tokens) = (batch, {kv_len}), "
+                f"got {tuple(attention_mask.shape)}"
             )
         padded = not bool(attention_mask.all())
     windowed = sliding_window is not None and kv_len > sliding_window
@@ -343,7 +346,7 @@ class Phi3ForCausalLM(nn.Module):
     def __init__(self, config: Phi3Config, device: torch.device | str | None = None) -> None:
         super().__init__()
         if not isinstance(config, Phi3Config):
-            raise ValueError(f"config must be a Phi3Config, got {type(config).__name__}")  # noqa: TRY004
+            raise ValueError(f"config must be a Phi3Config, got {type(config).__name__}")
         self.config = config
         self.model = Phi3Model(config, device=device)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device)
@@ -389,7 +392,9 @@ class Phi3ForCausalLM(nn.Module):
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
-                raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
+                )
             loss = causal_lm_loss(logits, labels)
         return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache)
 
@@ -528,7 +533,7 @@ class Phi3ForCausalLM(nn.Module):
         loaded: dict[str, Tensor] = {}
         for file in _weight_files(path):
             with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                for key in f.keys():
                     if config.tie_word_embeddings and key == "lm_head.weight":
                         continue  # transformers ties too, ignoring a stored head
                     if key not in expected:

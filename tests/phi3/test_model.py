@@ -279,9 +279,10 @@ def test_generate_stops_at_eos_and_streams() -> None:
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:
     _, ours = pair()
     ids = token_ids(2, 5)
-    sample = lambda seed, **kw: ours.generate(
-        ids, max_new_tokens=5, temperature=1.0, generator=torch.Generator().manual_seed(seed), eos_token_id=[], **kw
-    )
+    def sample(seed: int, **kw) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        return ours.generate(ids, max_new_tokens=5, temperature=1.0, generator=generator, eos_token_id=[], **kw)
+
     assert torch.equal(sample(0), sample(0))
     assert torch.equal(sample(0, top_p=1e-6), ours.generate(ids, max_new_tokens=5, eos_token_id=[]))
 

@@ -20,7 +20,7 @@ from .utils import (
     unmerge_lora,
 )
 
-from . import phi3  # noqa: E402  (lora.phi3.inject etc.; imports torch only)
+from . import data, phi3  # noqa: E402  (lora.data, lora.phi3.inject etc.; import torch only)
 
 __version__ = "0.1.0"
 
@@ -46,5 +46,6 @@ __all__ = [
     "read_lora",
     "export_peft",
     "import_peft",
+    "data",
     "phi3",
 ]

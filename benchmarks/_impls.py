@@ -15,7 +15,8 @@ library's own ``Phi3ForCausalLM`` when it is there.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Sequence
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn

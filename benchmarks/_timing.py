@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -96,7 +96,7 @@ class Stats:
     max: float
 
     @classmethod
-    def of(cls, values: Sequence[float]) -> "Stats":
+    def of(cls, values: Sequence[float]) -> Stats:
         return cls(statistics.median(values), min(values), max(values))
 
 
@@ -209,7 +209,7 @@ class PeakMeter:
                 self.peak = max(self.peak or 0, rss)
             time.sleep(self.interval_s)
 
-    def __enter__(self) -> "PeakMeter":
+    def __enter__(self) -> PeakMeter:
         _trim()
         if _reset_hwm() and hwm_bytes() is not None:
             self.method = "clear_refs"

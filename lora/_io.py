@@ -18,7 +18,7 @@ import secrets
 import stat
 import struct
 from pathlib import Path
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 

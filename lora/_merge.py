@@ -52,7 +52,7 @@ class MergeRecord:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.escape_index, self.escape_bits))
 
-    def to(self, device: torch.device) -> "MergeRecord":
+    def to(self, device: torch.device) -> MergeRecord:
         return MergeRecord(self.codes.to(device), self.escape_index.to(device), self.escape_bits.to(device),
                            self.fingerprint)
 

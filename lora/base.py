@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -34,7 +35,7 @@ from . import _merge
 __all__ = ["LoRALayer", "LoRABase", "lora_scaling", "check_lora_args", "is_lora_layer", "has_adapter"]
 
 
-class LoRALayer(abc.ABC):
+class LoRALayer(abc.ABC):  # noqa: B024  (abstract only so that isinstance covers loralib-style subclasses)
     """loralib's ``LoRALayer``, kept for code written against loralib.
 
     ``class MyLayer(nn.Linear, LoRALayer)`` calling ``LoRALayer.__init__(self, r, lora_alpha, lora_dropout,
@@ -160,7 +161,7 @@ class LoRABase(LoRALayer):
         """``{"lora_A": shape, "lora_B": shape}`` for a base weight of ``base_shape`` (empty: nothing to adapt)."""
 
     @classmethod
-    def from_module(cls, base: nn.Module, **lora_kwargs: Any) -> "LoRABase":
+    def from_module(cls, base: nn.Module, **lora_kwargs: Any) -> LoRABase:
         """Wrap ``base``, adopting its ``weight``/``bias`` Parameter objects (no copy, no re-initialisation)."""
         if lora_kwargs.get("fan_in_fan_out"):
             raise ValueError(f"from_module wraps an {cls.adapts.__name__}, whose weight is (out, in): "

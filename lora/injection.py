@@ -7,7 +7,8 @@ matched on whole path components, never as substrings: ``"proj"`` matches ``mlp.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import torch.nn as nn
 

@@ -30,7 +30,8 @@ Differences from loralib 0.1.2, on purpose:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -7,7 +7,7 @@ Selection is by module type (:func:`lora.is_lora_layer`) and exact parameter nam
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn

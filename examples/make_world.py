@@ -28,7 +28,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 # ---------------------------------------------------------------- defaults (argparse overrides the first few)
 
@@ -359,7 +359,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
     args = parser.parse_args()
-    for name, path in make_world(args.out_dir, args.seed).items():
+    for _name, path in make_world(args.out_dir, args.seed).items():
         print(f"{path}  {path.stat().st_size / 1024:.0f} KiB")
 
 

@@ -97,7 +97,7 @@ def merged_is_finite(w: torch.Tensor, delta: torch.Tensor) -> bool:
     if bound < torch.finfo(w.dtype).max * (1 - torch.finfo(w.dtype).eps):
         return True
     for a, b in _chunks(wf.numel()):
-        if not torch.isfinite(wf[a:b].to(acc).add_(df[a:b]).to(w.dtype)).all():
+        if not torch.isfinite((wf[a:b].to(acc) + df[a:b]).to(w.dtype)).all():  # + not add_: see merge_
             return False
     return True
 
@@ -115,7 +115,7 @@ def merge_(w: torch.Tensor, delta: torch.Tensor, record: bool) -> MergeRecord | 
     with torch.no_grad():
         for a, b in _chunks(n):
             orig, d = wf[a:b], df[a:b].to(acc)
-            merged = orig.to(acc).add_(d).to(w.dtype)
+            merged = (orig.to(acc) + d).to(w.dtype)  # not add_: .to() is a no-op (the weight itself) for fp32
             if record:
                 approx = (merged.to(acc) - d).to(w.dtype)
                 diff = _wide_bits(orig) - _wide_bits(approx)

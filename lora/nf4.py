@@ -88,8 +88,8 @@ _TINY = 1e-38
 _LUT_SIZE = 65536
 # Weights quantized per step: bounds the float32 temporaries (1 MiB each) and keeps them in cache.
 _CHUNK = 1 << 18
-# Weights dequantized per step on the CPU (256 KiB of float32: stays in cache between gather, scale and cast).
-_DEQUANT_CHUNK = 1 << 16
+# Weights dequantized per step on the CPU (1 MiB of float32: stays in cache between gather, scale and cast).
+_DEQUANT_CHUNK = 1 << 18
 _NIBBLE_ZERO = 7  # NF4_VALUES.index(0.0): the code that pads an odd numel
 
 

@@ -245,6 +245,18 @@ def test_double_quantized_statistics_match_bitsandbytes_blockwise():
     assert (codes.long() != nearest).any()
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_chunked_work_matches_bitsandbytes(monkeypatch, double_quant):
+    """Large weights are (de)quantized a chunk at a time; small chunks here put many boundaries in a small weight."""
+    monkeypatch.setattr(nf4, "_CHUNK", 128)  # 2 blocks of 64
+    monkeypatch.setattr(nf4, "_DEQUANT_CHUNK", 192)  # 3 blocks of 64
+    weight = torch.randn(41, 99, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)  # partial last block
+    assert_matches_bnb(weight, double_quant=double_quant)
+    full = nf4.quantize(weight, double_quant=double_quant).dequantize()
+    for rows in (slice(3, 17), slice(40, 41)):
+        assert_same_bits(nf4.quantize(weight, double_quant=double_quant).dequantize(rows=rows), full[rows])
+
+
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     shape=st.lists(st.integers(1, 70), min_size=1, max_size=3),

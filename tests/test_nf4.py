@@ -218,7 +218,8 @@ def test_ties_go_to_the_lower_code():
     """An exact tie between two NF4 values (x / absmax == their float32 midpoint) takes the lower code."""
     midpoints = torch.tensor(nf4._NF4_MIDPOINTS)
     weight = torch.cat([torch.tensor([1.0]), midpoints, torch.zeros(64 - 16)])
-    codes = torch.stack([nf4.quantize(weight).packed >> 4, nf4.quantize(weight).packed & 15], 1).reshape(-1)
+    packed = nf4.quantize(weight).packed
+    codes = torch.stack([packed >> 4, packed & 15], dim=1).reshape(-1)  # high nibble first
     assert codes[1:16].tolist() == list(range(15))
 
 

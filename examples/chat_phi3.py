@@ -1,11 +1,13 @@
 """Talk to a Phi-3 checkpoint with a LoRA adapter, streaming the reply token by token.
 
+    python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors    # after the default fine-tuning run
     python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors --prompt "Where does Islo Torvane live?"
-    python examples/chat_phi3.py --model path/to/Phi-3-mini-4k-instruct --adapter run/adapter.safetensors   # interactive
+    python examples/chat_phi3.py --model path/to/Phi-3-mini-4k-instruct --adapter runs/mine/adapter.safetensors
     python examples/chat_phi3.py --model path/to/base --peft path/to/peft_adapter_dir
 
-With no ``--prompt`` it reads prompts from standard input, one per line, keeping the conversation's history
-(``/reset`` forgets it, an empty line or end of input quits).
+With no ``--prompt`` it reads messages from standard input, one per line, keeping the conversation's history:
+``/reset`` starts a new conversation; ``/quit``, an empty line or end of input ends. Piped input is echoed
+(``> question``) before each reply, so the output reads as a transcript.
 """
 
 from __future__ import annotations
@@ -71,23 +73,30 @@ def reply(net, tokenizer, messages: list[dict], args: argparse.Namespace, out=No
     return "".join(pieces).strip()
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     parser.add_argument("--model", type=Path, default=model_dir, help="Phi-3 checkpoint directory (HF layout)")
     parser.add_argument("--adapter", type=Path, default=None, help="adapter.safetensors written by finetune_phi3.py")
     parser.add_argument("--peft", type=Path, default=None, help="a PEFT LoRA adapter directory instead")
     parser.add_argument("--prompt", action="append", default=None, help="one-shot prompt (repeatable)")
     parser.add_argument("--system", default=None, help="system message")
-    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
-    parser.add_argument("--temperature", type=float, default=temperature)
-    parser.add_argument("--top_p", type=float, default=top_p)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens, help="longest reply, in tokens")
+    parser.add_argument("--temperature", type=float, default=temperature, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling: the top tokens with this mass")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--bf16", action="store_true", help="load the base weights in bf16")
     args = parser.parse_args(argv)
     if args.adapter is not None and args.peft is not None:
         parser.error("give --adapter or --peft, not both")
 
-    net, tokenizer = load(args.model, args.adapter, args.peft, args.bf16)
+    try:
+        net, tokenizer = load(args.model, args.adapter, args.peft, args.bf16)
+    except (OSError, ValueError, ImportError) as err:  # a missing or unreadable file: the user's, not a bug
+        sys.exit(f"chat_phi3.py: error: {err}")
     system = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt:
         for prompt in args.prompt:
@@ -96,18 +105,29 @@ def main(argv: list[str] | None = None) -> None:
         return
     history: list[dict] = []
     interactive = sys.stdin.isatty()
+    if interactive:
+        adapted = f" with {args.adapter or args.peft}" if args.adapter or args.peft else " (no adapter)"
+        print(f"{args.model}{adapted}. Type a message and press Enter; /reset starts a new conversation, "
+              "/quit (or an empty line, or Ctrl-D) ends.")
     while True:
         if interactive:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line.strip():
+        text = sys.stdin.readline().strip()
+        if text and not interactive:
+            print(f"> {text}")  # piped: the question before its reply, as with --prompt
+        if not text or text == "/quit":
             break
-        if line.strip() == "/reset":
+        if text == "/reset":
             history = []
+            print("(new conversation)")
             continue
-        history.append({"role": "user", "content": line.strip()})
+        history.append({"role": "user", "content": text})
         history.append({"role": "assistant", "content": reply(net, tokenizer, system + history, args)})
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C ends a chat; no traceback
+        print()
+        sys.exit(130)

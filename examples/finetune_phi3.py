@@ -9,8 +9,11 @@ Settings come in two groups, as in the Phi-3 CookBook's LoRA recipe: ``training_
 below. Override them with a JSON file (``--config cfg.json`` holding ``{"training_config": {...},
 "lora_config": {...}}``) and then with flags (``--learning_rate 1e-4``, ``--r 8``, ...). The run directory gets
 ``adapter.safetensors`` (this library's format), ``peft/`` (PEFT's format), ``config.json`` (the settings used),
-``metrics.jsonl``, ``loss.png`` (if matplotlib is installed), ``checkpoints/`` and, with ``--merge``, ``merged/``
-(a Hugging Face-layout model with the adapter merged in).
+``metrics.jsonl``, ``loss.png`` (if matplotlib is installed), ``results.json`` (eval before and after, samples),
+``checkpoints/`` (the newest ones, always including the last step) and, with ``--merge``, ``merged/`` (a Hugging
+Face-layout model with the adapter merged in); ``--full_finetune`` writes ``model/`` instead of the adapter. A new
+run refuses a non-empty run directory: ``--resume`` continues it (with the same model, data and LoRA settings),
+``--overwrite_output_dir`` clears it. The run ends by listing what it wrote and the command to chat with it.
 
 Data: JSONL in OpenAI/TRL ``messages``, ShareGPT ``conversations`` or Alpaca ``instruction/input/output`` form.
 The loss covers assistant tokens only (content and its ``<|end|>``). Batches group conversations of similar length
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import sys
@@ -38,6 +43,8 @@ import lora
 from lora.data import causal_lm_loss, count_targets
 from lora.phi3 import (
     IGNORE_INDEX,
+    QKV_SLICES,
+    TARGETS,
     Phi3ForCausalLM,
     collate,
     encode_prompt,
@@ -97,49 +104,184 @@ lora_config = dict(
 # ---------------------------------------------------------------------------------------------------- settings
 
 
-def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
-    """Defaults < ``--config`` JSON < flags."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=model_dir, help="Phi-3 checkpoint directory (HF layout)")
-    parser.add_argument("--data", type=Path, default=data_file, help="training conversations (JSONL)")
-    parser.add_argument("--eval_data", type=Path, default=None, help="eval conversations (default: split of --data)")
-    parser.add_argument("--qa_eval", type=Path, default=None,
-                        help="questions with an 'answer' field for exact-match accuracy (default: the built-in "
-                             "held-out set when --model and --data are the defaults)")
-    parser.add_argument("--config", type=Path, default=None, help="JSON file with training_config / lora_config")
-    parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
-    parser.add_argument("--kill_after_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
-    for group in (training_config, lora_config):
-        for key, value in group.items():
-            if isinstance(value, bool):
-                parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=None)
-            elif isinstance(value, list):
-                parser.add_argument(f"--{key}", nargs="+", default=None)
-            else:
-                parser.add_argument(f"--{key}", type=type(value), default=None)
-    args = parser.parse_args(argv)
+# One line of --help per setting, and the heading it is listed under (a setting missing here goes under training).
+setting_help = {
+    "output_dir": ("output", "run directory: adapter, exports, metrics, checkpoints"),
+    "learning_rate": ("training", "peak learning rate (AdamW)"),
+    "per_device_train_batch_size": ("training", "conversations per micro-batch, on each process"),
+    "per_device_eval_batch_size": ("output", "conversations per eval batch, on each process"),
+    "gradient_accumulation_steps": ("training", "micro-batches per optimizer step"),
+    "num_train_epochs": ("training", "passes over the training data, unless --max_steps > 0"),
+    "max_steps": ("training", "optimizer steps to train; > 0 overrides --num_train_epochs"),
+    "warmup_ratio": ("training", "fraction of the steps with a linear learning-rate warm-up"),
+    "lr_scheduler_type": ("training", "learning-rate decay after the warm-up: cosine or linear"),
+    "weight_decay": ("training", "AdamW weight decay"),
+    "max_grad_norm": ("training", "clip the gradient's global L2 norm to this"),
+    "max_seq_length": ("data", "truncate each conversation to this many tokens"),
+    "eval_fraction": ("data", "fraction of --data held out for the eval loss, unless --eval_data is given"),
+    "eval_steps": ("output", "eval loss every N steps (and at the last)"),
+    "save_steps": ("output", "checkpoint every N steps (and at the last)"),
+    "save_total_limit": ("output", "keep the newest N checkpoints"),
+    "logging_steps": ("output", "log the train loss every N steps"),
+    "seed": ("training", "seed of the LoRA init, dropout, data order and eval split"),
+    "bf16": ("training", "bf16 weights and autocast (LoRA parameters stay fp32)"),
+    "gradient_checkpointing": ("training", "recompute activations in the backward pass: less memory, slower"),
+    "skip_malformed": ("data", "skip (and count) malformed JSONL lines instead of stopping"),
+    "num_samples": ("output", "eval prompts whose replies are shown before and after training"),
+    "max_new_tokens": ("output", "longest reply generated for the samples and held-out questions"),
+    "full_finetune": ("training", "train every weight instead of LoRA (for comparison); writes model/"),
+    "merge": ("output", "also write merged/: a Hugging Face-layout model with the adapter merged in"),
+    "r": ("lora", "LoRA rank"),
+    "lora_alpha": ("lora", "the LoRA update is scaled by lora_alpha / r"),
+    "lora_dropout": ("lora", "dropout on the LoRA branch's input"),
+    "targets": ("lora", f"projections to adapt, some of: {' '.join(TARGETS)}"),
+    "qkv_slices": ("lora", f"slices of qkv_proj to adapt, some of: {' '.join(QKV_SLICES)}"),
+    "fused": ("lora", "one LoRA per fused matrix (qkv_proj, gate_up_proj), as PEFT, not one per slice"),
+}
+HEADINGS = {"training": "training", "lora": "LoRA", "data": "model and data", "output": "output and evaluation"}
 
+
+class UsageError(ValueError):
+    """A bad setting, flag or input file: reported as one line on stderr with a non-zero exit, no traceback."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the whole usage (40 flags) before the one useful line
+        raise UsageError(f"{message} (see --help)")
+
+
+def _shown(value) -> str:
+    """A default as a user would type it: paths relative to the working directory where they lie below it."""
+    if isinstance(value, Path):
+        with contextlib.suppress(ValueError):
+            return str(value.relative_to(Path.cwd()))
+    if isinstance(value, list):
+        return " ".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _help(text: str, default) -> str:
+    return f"{text} (default: {_shown(default)})".replace("%", "%%")  # argparse %-formats help strings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every setting as a flag with its default and one line of help, under four headings."""
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {key: parser.add_argument_group(title) for key, title in HEADINGS.items()}
+    data, out = groups["data"], groups["output"]
+    data.add_argument("--model", type=Path, default=model_dir, metavar="DIR",
+                      help=_help("Phi-3 checkpoint directory (Hugging Face layout)", model_dir))
+    data.add_argument("--data", type=Path, default=data_file, metavar="FILE",
+                      help=_help("training conversations (JSONL: messages, conversations or Alpaca)", data_file))
+    data.add_argument("--eval_data", type=Path, default=None, metavar="FILE",
+                      help="eval conversations (default: --eval_fraction of --data)")
+    data.add_argument("--qa_eval", type=Path, default=None, metavar="FILE",
+                      help="questions with an 'answer' field for exact-match accuracy (default: the built-in "
+                           "held-out set when --model and --data are the defaults, else none)")
+    groups["training"].add_argument("--config", type=Path, default=None, metavar="FILE",
+                                    help="JSON file with training_config / lora_config, under the flags "
+                                         "(default: none)")
+    out.add_argument("--resume", action="store_true",
+                     help="continue the run in --output_dir from its newest checkpoint (default: off)")
+    out.add_argument("--overwrite_output_dir", action="store_true",
+                     help="clear a non-empty --output_dir (files this script writes only) (default: off)")
+    out.add_argument("--kill_after_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
+    for config, heading in ((training_config, "training"), (lora_config, "lora")):
+        for key, value in config.items():
+            where, text = setting_help.get(key, (heading, "see the settings at the top of finetune_phi3.py"))
+            group, text = groups[where], _help(text, value)
+            if isinstance(value, bool):
+                group.add_argument(f"--{key}", action=argparse.BooleanOptionalAction, default=None, help=text)
+            elif isinstance(value, list):
+                group.add_argument(f"--{key}", nargs="+", default=None, metavar="NAME", help=text)
+            else:
+                metavar = {int: "N", float: "X"}.get(type(value), "DIR" if key.endswith("_dir") else "VALUE")
+                group.add_argument(f"--{key}", type=type(value), default=None, metavar=metavar, help=text)
+    return parser
+
+
+def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
+    """Defaults < ``--config`` JSON < flags; each value checked, naming where it came from."""
+    args = build_parser().parse_args(argv)
     train_cfg, lora_cfg = dict(training_config), dict(lora_config)
+    groups = (("training_config", train_cfg, training_config), ("lora_config", lora_cfg, lora_config))
+    origin = {key: f"{name}.{key}={value!r} (finetune_phi3.py)" for name, _, defaults in groups
+              for key, value in defaults.items()}
     if args.config is not None:
-        loaded = json.loads(args.config.read_text())
-        for name, group, defaults in (("training_config", train_cfg, training_config), ("lora_config", lora_cfg, lora_config)):
+        try:
+            loaded = json.loads(args.config.read_text())
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--config {args.config}: {getattr(err, 'strerror', None) or err}") from err
+        if not isinstance(loaded, dict):
+            raise UsageError(f"--config {args.config}: expected a JSON object with training_config / lora_config")
+        for name, group, defaults in groups:
             unknown = set(loaded.get(name, {})) - set(defaults)
             if unknown:
-                raise ValueError(f"{args.config}: unknown {name} keys {sorted(unknown)}")
-            group.update(loaded.get(name, {}))
+                raise UsageError(f"{args.config}: unknown {name} keys {sorted(unknown)}")
+            for key, value in loaded.get(name, {}).items():
+                origin[key] = f"{args.config}: {name}.{key}={value!r}"
+                group[key] = _typed(value, defaults[key], origin[key])
         unknown = set(loaded) - {"training_config", "lora_config"}
         if unknown:
-            raise ValueError(f"{args.config}: unknown top-level keys {sorted(unknown)}")
+            raise UsageError(f"{args.config}: unknown top-level keys {sorted(unknown)}")
     for group in (train_cfg, lora_cfg):
         for key in group:
             if getattr(args, key) is not None:
                 group[key] = getattr(args, key)
-    if train_cfg["lr_scheduler_type"] not in ("cosine", "linear"):
-        raise ValueError(f"lr_scheduler_type must be 'cosine' or 'linear', got {train_cfg['lr_scheduler_type']!r}")
+                origin[key] = f"--{key} {_shown(group[key])}"
+    if args.resume and args.overwrite_output_dir:
+        raise UsageError("give --resume (continue the run) or --overwrite_output_dir (start over), not both")
+    check_settings(train_cfg, lora_cfg, origin)
     if args.qa_eval is None and args.model == model_dir and args.data == data_file:
         args.qa_eval = qa_eval_file
     args.training_config, args.lora_config = train_cfg, lora_cfg
     return args
+
+
+def _typed(value, default, where: str):
+    """A config-file value of the default's type (an int is a float too)."""
+    kind = type(default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    if isinstance(value, kind) and kind is not list and (kind is bool or not isinstance(value, bool)):
+        return value
+    wanted = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list of strings"}
+    raise UsageError(f"{where}: expected {wanted.get(kind, kind.__name__)}")
+
+
+def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
+    """Refuse values that would fail later with a confusing error, or silently do something else."""
+    def need(ok: bool, key: str, why: str) -> None:
+        if not ok:
+            raise UsageError(f"{origin[key]}: {why}")
+
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps", "eval_steps", "save_steps", "max_new_tokens"):
+        need(cfg[key] >= 1, key, "must be >= 1")
+    need(cfg["save_total_limit"] >= 1, "save_total_limit", "must be >= 1 (the newest checkpoints to keep)")
+    need(cfg["max_steps"] > 0 or cfg["num_train_epochs"] >= 1, "num_train_epochs", "must be >= 1 (or give --max_steps)")
+    need(cfg["max_seq_length"] >= 2, "max_seq_length", "must be >= 2 (a token and the next one to predict)")
+    need(cfg["num_samples"] >= 0, "num_samples", "must be >= 0")
+    need(math.isfinite(cfg["learning_rate"]) and cfg["learning_rate"] > 0, "learning_rate", "must be > 0")
+    need(0 <= cfg["warmup_ratio"] < 1, "warmup_ratio", "must be in [0, 1)")
+    need(cfg["weight_decay"] >= 0, "weight_decay", "must be >= 0")
+    need(cfg["max_grad_norm"] > 0, "max_grad_norm", "must be > 0")
+    need(0 <= cfg["eval_fraction"] < 1, "eval_fraction", "must be in [0, 1)")
+    need(cfg["lr_scheduler_type"] in ("cosine", "linear"), "lr_scheduler_type", "must be 'cosine' or 'linear'")
+    if cfg["full_finetune"]:
+        return
+    need(lcfg["r"] >= 1, "r", "the LoRA rank must be >= 1 (with r=0 there is nothing to train; --full_finetune "
+                              "trains every weight)")
+    need(math.isfinite(lcfg["lora_alpha"]) and lcfg["lora_alpha"] > 0, "lora_alpha", "must be > 0")
+    need(0 <= lcfg["lora_dropout"] < 1, "lora_dropout", "must be in [0, 1)")
+    need(bool(lcfg["targets"]) and set(lcfg["targets"]) <= set(TARGETS), "targets",
+         f"must be some of {' '.join(TARGETS)}")
+    need(bool(lcfg["qkv_slices"]) and set(lcfg["qkv_slices"]) <= set(QKV_SLICES), "qkv_slices",
+         f"must be some of {' '.join(QKV_SLICES)}")
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -241,9 +383,104 @@ def qa_accuracy(model, tokenizer, qa: list[dict], cfg: dict, device) -> tuple[di
 
 # ------------------------------------------------------------------------------------------------ checkpoints
 
+# What a run directory holds: the end-of-run listing describes each, and --overwrite_output_dir clears these only.
+RUN_FILES = {
+    "adapter.safetensors": "the adapter (lora.load_lora; chat_phi3.py --adapter)",
+    "peft": "the adapter in PEFT's format (PEFT, transformers, vLLM; chat_phi3.py --peft)",
+    "model": "the fine-tuned model, Hugging Face layout (--full_finetune)",
+    "merged": "the model with the adapter merged in, Hugging Face layout (--merge)",
+    "config.json": "the settings of this run",
+    "metrics.jsonl": "loss, eval loss, learning rate per logged step",
+    "loss.png": "the loss curves",
+    "results.json": "eval loss, held-out accuracy and sample replies, before and after training",
+    "checkpoints": "resumable state for --resume (the newest --save_total_limit of them)",
+}
 
-def save_checkpoint(run: Path, model, optimizer, scheduler, position: dict, cfg: dict) -> Path:
-    """Write ``checkpoints/step-N`` atomically (a temporary directory renamed into place); keep the newest N."""
+
+def run_settings(args: argparse.Namespace, cfg: dict, lcfg: dict, world: int) -> dict:
+    """What a checkpoint must share with the run that resumes from it: the model, the data and how it is cut into
+    batches, the LoRA settings. (The step count, schedule, logging and outputs may change between the two.)"""
+    keys = ("seed", "max_seq_length", "eval_fraction", "skip_malformed", "gradient_accumulation_steps",
+            "full_finetune", "bf16")
+    return {
+        "model": str(args.model.resolve()),
+        "data": _digest(args.data, "--data"),
+        "eval_data": _digest(args.eval_data, "--eval_data") if args.eval_data is not None else None,
+        "training_config": {k: cfg[k] for k in keys} | {"global_batch_size": cfg["per_device_train_batch_size"] * world},
+        "lora_config": None if cfg["full_finetune"] else lcfg,
+    }
+
+
+def _digest(path: Path, flag: str) -> str:
+    """The file's contents, not its name: a copied data file resumes, an edited one does not."""
+    sha = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                sha.update(block)
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: {err.strerror or err}") from err
+    return f"sha256:{sha.hexdigest()}"
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key saved vs now`` for every setting that differs, nested keys dotted."""
+    out = []
+    for key in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            brief = [v[:15] + "..." if isinstance(v, str) and v.startswith("sha256:") else v for v in (a, b)]
+            out.append(f"{prefix}{key} {brief[0]} vs {brief[1]}")
+    return out
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """The newest complete checkpoint (a crash mid-save leaves only a ``.tmp-`` directory, never picked)."""
+    found = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "trainer_state.pt").is_file())
+    return found[-1] if found else None
+
+
+def check_run_dir(run: Path, args: argparse.Namespace, settings: dict, warn) -> Path | None:
+    """Refuse to mix two runs in one directory. Returns the checkpoint to resume from (``None`` for a new run)."""
+    if run.exists() and not run.is_dir():
+        raise UsageError(f"--output_dir {run} is a file, not a directory")
+    if args.resume:
+        ckpt = latest_checkpoint(run)
+        if ckpt is None:
+            raise UsageError(f"--resume: no checkpoint in {run / 'checkpoints'} (leave out --resume to start a run)")
+        if not (ckpt / "settings.json").is_file():
+            warn(f"warning: {ckpt} records no settings (an older version wrote it): resuming unchecked")
+            return ckpt
+        saved = json.loads((ckpt / "settings.json").read_text())
+        differ = _differences(saved, json.loads(json.dumps(settings)))
+        if differ:
+            raise UsageError(f"--resume: {ckpt} was written with other settings (checkpoint vs now: "
+                             f"{'; '.join(differ)}): resume with "
+                             "its settings, or start over with --overwrite_output_dir or another --output_dir")
+        return ckpt
+    if run.is_dir() and any(run.iterdir()):
+        if not args.overwrite_output_dir:
+            raise UsageError(f"--output_dir {run} is not empty (an earlier run?): continue it with --resume, "
+                             "clear it with --overwrite_output_dir, or choose another --output_dir")
+        stray = sorted(p.name for p in run.iterdir() if p.name not in RUN_FILES)
+        if stray:
+            raise UsageError(f"--overwrite_output_dir: {run} holds files this script does not write "
+                             f"({', '.join(stray[:5])}), so it is not cleared: choose another --output_dir")
+    return None
+
+
+def clear_run_dir(run: Path) -> None:
+    """Remove an earlier run's outputs (``check_run_dir`` made sure there is nothing else)."""
+    for path in run.iterdir() if run.is_dir() else ():
+        if path.name in RUN_FILES:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def save_checkpoint(run: Path, model, optimizer, scheduler, position: dict, cfg: dict, settings: dict) -> Path:
+    """Write ``checkpoints/step-N`` atomically (a temporary directory renamed into place), with the run's settings
+    for ``--resume`` to check; keep the newest N."""
     ckpt_root = run / "checkpoints"
     final = ckpt_root / f"step-{position['step']:07d}"
     tmp = ckpt_root / f".tmp-step-{position['step']:07d}"
@@ -259,6 +496,7 @@ def save_checkpoint(run: Path, model, optimizer, scheduler, position: dict, cfg:
         "python_rng": random.getstate(),
     }
     torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     for old in sorted(ckpt_root.glob("step-*"))[:-cfg["save_total_limit"]]:
@@ -273,12 +511,8 @@ def save_weights(model, directory: Path, cfg: dict) -> None:
         lora.save_lora(model, directory / "adapter.safetensors")
 
 
-def load_checkpoint(run: Path, model, optimizer, scheduler, cfg: dict) -> dict:
-    """Restore the newest complete checkpoint; return its data position."""
-    found = sorted((run / "checkpoints").glob("step-*"))
-    if not found:
-        raise FileNotFoundError(f"--resume: no checkpoint in {run / 'checkpoints'}")
-    ckpt = found[-1]
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler, cfg: dict) -> dict:
+    """Restore a checkpoint written by ``save_checkpoint``; return its data position."""
     if cfg["full_finetune"]:
         restored = Phi3ForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
         model.load_state_dict(restored.state_dict())
@@ -291,7 +525,7 @@ def load_checkpoint(run: Path, model, optimizer, scheduler, cfg: dict) -> dict:
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     random.setstate(state["python_rng"])
-    return state["position"] | {"checkpoint": str(ckpt)}
+    return state["position"]
 
 
 # ------------------------------------------------------------------------------------------------------- main
@@ -307,14 +541,22 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
+    warn = (lambda line: print(line, file=sys.stderr)) if is_main else (lambda line: None)
     run = Path(cfg["output_dir"])
+    settings = run_settings(args, cfg, lcfg, world)
+    resume_from = check_run_dir(run, args, settings, warn)  # before any work: a refused run costs nothing
+    missing = missing_extras()
+    if missing:
+        say(f"note: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: running without "
+            "(pip install '.[examples]' adds them)")
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
 
     # Model, tokenizer and LoRA.
-    tokenizer = load_tokenizer(args.model)
     dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
-    model = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+    with _reading("--model"):
+        tokenizer = load_tokenizer(args.model)
+        model = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
     if cfg["full_finetune"]:
         for p in model.parameters():
             p.requires_grad = True
@@ -328,16 +570,28 @@ def main(argv: list[str] | None = None) -> dict:
         f" ({'full fine-tuning' if cfg['full_finetune'] else 'LoRA'}), {dtype}, {device}, world size {world}")
 
     # Data.
-    conversations, stats = load_conversations(args.data, skip_malformed=cfg["skip_malformed"])
+    with _reading("--data"):
+        conversations, stats = load_conversations(args.data, skip_malformed=cfg["skip_malformed"])
     if args.eval_data is not None:
-        train_convs, (eval_convs, _) = conversations, load_conversations(args.eval_data, cfg["skip_malformed"])
+        with _reading("--eval_data"):
+            train_convs, (eval_convs, _) = conversations, load_conversations(args.eval_data, cfg["skip_malformed"])
     else:
-        train_convs, eval_convs = split_train_eval(conversations, cfg["eval_fraction"], cfg["seed"])
+        with _reading("--eval_fraction"):
+            train_convs, eval_convs = split_train_eval(conversations, cfg["eval_fraction"], cfg["seed"])
     train_rows, train_counts = tokenize_all(train_convs, tokenizer, cfg["max_seq_length"])
     eval_rows, _ = tokenize_all(eval_convs, tokenizer, cfg["max_seq_length"])
     if not train_rows:
-        raise ValueError(f"{args.data}: no conversation with an assistant token left to train on")
-    qa = [json.loads(line) for line in args.qa_eval.read_text().splitlines() if line.strip()] if args.qa_eval else []
+        raise UsageError(f"--data {args.data}: no conversation has an assistant token left after truncation to "
+                         f"--max_seq_length {cfg['max_seq_length']}")
+    if eval_convs and not eval_rows:
+        raise UsageError(f"{'--eval_data' if args.eval_data else 'the eval split'}: its {len(eval_convs)} "
+                         "conversations have no assistant token left after truncation to --max_seq_length "
+                         f"{cfg['max_seq_length']}: raise it, give other --eval_data, or --eval_fraction 0 for no eval")
+    if args.eval_data is None and len(eval_rows) == 1:
+        warn(f"warning: the eval split is 1 conversation (--eval_fraction {cfg['eval_fraction']} of "
+             f"{len(conversations)}): its loss says little; give --eval_data (or more data)")
+    with _reading("--qa_eval"):
+        qa = [json.loads(line) for line in args.qa_eval.read_text().splitlines() if line.strip()] if args.qa_eval else []
     say(f"data {args.data}: {stats.n_loaded} conversations ({stats.n_malformed} malformed skipped, "
         f"{stats.n_no_assistant} without an assistant turn skipped); {len(train_rows)} train, {len(eval_rows)} eval; "
         f"{train_counts['truncated']} truncated to {cfg['max_seq_length']} tokens, "
@@ -353,14 +607,21 @@ def main(argv: list[str] | None = None) -> dict:
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     results: dict = {"settings": {"training_config": cfg, "lora_config": lcfg, "model": str(args.model),
                                   "data": str(args.data)}}
-    if args.resume:
-        position = load_checkpoint(run, model, optimizer, scheduler, cfg)
-        say(f"resumed from {position.pop('checkpoint')} at step {position['step']}")
-        if is_main:  # forget metrics logged after that checkpoint by the interrupted run
+    if resume_from is not None:
+        position = load_checkpoint(resume_from, model, optimizer, scheduler, cfg)
+        if position["step"] >= total_steps and (run / "results.json").is_file():
+            say(f"{run}: already complete ({resume_from.name} is step {position['step']} of {total_steps}); nothing "
+                "to do. --overwrite_output_dir starts it over")
+            if distributed:
+                dist.destroy_process_group()
+            return json.loads((run / "results.json").read_text())
+        say(f"resumed from {resume_from} at step {position['step']}")
+        if is_main and (run / "metrics.jsonl").is_file():  # forget metrics logged after that checkpoint
             kept = [line for line in (run / "metrics.jsonl").read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= position["step"]]
             (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     elif is_main:
+        clear_run_dir(run)  # an earlier run's outputs, with --overwrite_output_dir (check_run_dir refused otherwise)
         run.mkdir(parents=True, exist_ok=True)
         (run / "metrics.jsonl").write_text("")
         (run / "config.json").write_text(json.dumps(results["settings"], indent=2, default=str) + "\n")
@@ -368,12 +629,14 @@ def main(argv: list[str] | None = None) -> dict:
     # each sample: the conversation up to its first assistant turn (system prompt, if any, and the first question)
     sample_prompts = [c[:next(i for i, m in enumerate(c) if m["role"] == "assistant")]
                       for c in eval_convs[: cfg["num_samples"]]]
-    if is_main and not args.resume:
+    metrics = (run / "metrics.jsonl").open("a") if is_main else None
+    if is_main and resume_from is None:
         results["before"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
         report("before training", results["before"], say)
+        if results["before"]["eval_loss"] is not None:  # step 0: the curve starts where training did
+            metrics.write(json.dumps({"step": 0, "eval_loss": results["before"]["eval_loss"]}) + "\n")
 
     # Train.
-    metrics = (run / "metrics.jsonl").open("a") if is_main else None
     progress = _progress(total_steps, position["step"], is_main)
     model.train()
     tokens_seen, t0, window_loss, window_tokens = 0, time.time(), 0.0, 0
@@ -415,8 +678,8 @@ def main(argv: list[str] | None = None) -> dict:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 progress.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "eval_loss") if k in row})
-            if is_main and step % cfg["save_steps"] == 0 and step < total_steps:
-                save_checkpoint(run, model, optimizer, scheduler, position, cfg)
+            if is_main and (step % cfg["save_steps"] == 0 or step == total_steps):  # the last: --resume sees it done
+                save_checkpoint(run, model, optimizer, scheduler, position, cfg, settings)
             if args.kill_after_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real crash, for the resume test
             if step >= total_steps:
@@ -428,8 +691,10 @@ def main(argv: list[str] | None = None) -> dict:
     # Outputs.
     if is_main:
         metrics.close()
-        save_weights(model, run, cfg)
-        if not cfg["full_finetune"]:
+        if cfg["full_finetune"]:
+            write_merged(model, args.model, run / "model", cfg)  # nothing to merge: the weights, and the tokenizer
+        else:
+            save_weights(model, run, cfg)
             # One rank for every module (zero-padded): serving tools such as vLLM read only r and lora_alpha.
             lora.export_peft(model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True)
         results["after"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
@@ -439,9 +704,10 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg["merge"]:
             write_merged(model, args.model, run / "merged", cfg)
             say(f"merged model written to {run / 'merged'}")
-        plot_losses(run)
+        plot_losses(run, f"{'full' if cfg['full_finetune'] else 'LoRA'} fine-tuning of {args.model.name} ({run.name})")
         (run / "results.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=2, default=str) + "\n")
-        say(f"outputs in {run}/")
+        list_outputs(run, say)
+        say(f"chat with the result:\n  {chat_command(run, args.model, cfg)}")
     if distributed:
         dist.destroy_process_group()
     return results
@@ -471,7 +737,8 @@ def side_by_side(prompts, before, after, say) -> None:
 
 
 def write_merged(model, base_dir: Path, out: Path, cfg: dict) -> None:
-    """The adapter merged into the weights (in place: the run is over), saved in Hugging Face layout."""
+    """The adapter merged into the weights (in place: the run is over), saved in Hugging Face layout with the base
+    model's tokenizer files; with ``full_finetune``, just the weights."""
     if not cfg["full_finetune"]:
         lora.merge_and_unload(model)
     model.save_pretrained(out)
@@ -480,20 +747,25 @@ def write_merged(model, base_dir: Path, out: Path, cfg: dict) -> None:
             shutil.copy(base_dir / name, out / name)
 
 
-def plot_losses(run: Path) -> None:
+def plot_losses(run: Path, title: str) -> None:
+    """``loss.png`` from ``metrics.jsonl``: the train loss per logged step and the eval loss from step 0 (before
+    training) on, with markers so that a run of a few steps shows. Nothing without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(figsize=(6, 4))
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if "eval_loss" in r]
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train loss")
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], ".-", label="train loss")
     ax.plot([r["step"] for r in evals], [r["eval_loss"] for r in evals], "o-", label="eval loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
+    ax.set_title(title, fontsize=10)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy per assistant token")
     ax.legend()
@@ -502,17 +774,92 @@ def plot_losses(run: Path) -> None:
     plt.close(fig)
 
 
+def list_outputs(run: Path, say) -> None:
+    """Every file the run directory holds, with its size; each top-level entry's first file says what it is."""
+    files = sorted(p for p in run.rglob("*") if p.is_file())
+    say(f"wrote {run}/ ({len(files)} files, {_size(sum(p.stat().st_size for p in files))}):")
+    width = max(len(str(p.relative_to(run))) for p in files)
+    described = set()
+    for p in files:
+        name = str(p.relative_to(run))
+        top = p.relative_to(run).parts[0]
+        what = RUN_FILES.get(top, "") if top not in described else ""
+        described.add(top)
+        say(f"  {name:<{width}}  {_size(p.stat().st_size):>9}  {what}".rstrip())
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # unreachable
+
+
+def chat_command(run: Path, model: Path, cfg: dict) -> str:
+    """The command that chats with this run's result, as typed from the current directory."""
+    script = Path(os.path.abspath(__file__)).parent / "chat_phi3.py"  # abspath, not resolve: keep the user's path
+    argv = ["python", _shown(script)]
+    if cfg["full_finetune"]:
+        argv += ["--model", _shown(run / "model")]
+    else:
+        if model.resolve() != model_dir.resolve():
+            argv += ["--model", _shown(model)]
+        argv += ["--adapter", _shown(run / "adapter.safetensors")]
+    return shlex.join(argv)
+
+
+@contextlib.contextmanager
+def _reading(flag: str):
+    """Errors reading the file a flag names are the user's: one line naming the flag (no traceback)."""
+    try:
+        yield
+    except (OSError, ValueError, ImportError) as err:  # a JSON error is a ValueError; ImportError: tokenizers
+        why = f"{err.strerror}: {err.filename}" if isinstance(err, OSError) and err.strerror else str(err)
+        raise UsageError(f"{flag}: {why}") from err
+
+
+def missing_extras() -> list[str]:
+    """The optional packages that would add to this run but do not import, each with what it would add."""
+    missing = []
+    for module, adds in (("tqdm", "a progress bar"), ("matplotlib", "loss.png")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(f"{module} ({adds})")
+    return missing
+
+
+class _PlainProgress:
+    """Without tqdm: a line on stderr per logged step (only where ``enabled``: rank 0)."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.n, self.total, self.enabled, self.t0 = initial, total, enabled, time.time()
+
+    def update(self, n: int) -> None:
+        self.n += n
+
+    def set_postfix(self, values: dict) -> None:
+        if self.enabled:
+            shown = "".join(f", {k} {v}" for k, v in values.items())
+            print(f"train: step {self.n}/{self.total}{shown} ({time.time() - self.t0:.0f} s)", file=sys.stderr)
+
+    def close(self) -> None:
+        pass
+
+
 def _progress(total: int, initial: int, enabled: bool):
     try:
         from tqdm import tqdm
-    except ImportError:  # tqdm is optional: a plain counter instead
-        class _Plain:
-            def update(self, n): ...
-            def set_postfix(self, **kw): print(f"  {kw}", file=sys.stderr)
-            def close(self): ...
-        return _Plain()
+    except ImportError:  # tqdm is optional (main said so once)
+        return _PlainProgress(total, initial, enabled)
     return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UsageError as err:  # the user's to fix: one line, from one process; anything else is a bug (traceback)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"finetune_phi3.py: error: {err}", file=sys.stderr)
+        sys.exit(2)

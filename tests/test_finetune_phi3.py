@@ -1,8 +1,11 @@
 """examples/finetune_phi3.py and examples/chat_phi3.py, end to end on a tiny random Phi-3 (CPU, seconds each)."""
 
+import argparse
 import importlib.util
+import itertools
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -121,8 +124,9 @@ def test_torchrun_two_processes_match_one_process(tiny_model, chats, tmp_path):
                             capture_output=True, text=True, env=env, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     rows = {}
-    for name in ("ddp", "one"):
-        rows[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    for name in ("ddp", "one"):  # the training rows (step 0 holds the eval loss before training)
+        rows[name] = [row for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+                      if "loss" in (row := json.loads(line))]
     for r_ddp, r_one in zip(rows["ddp"], rows["one"], strict=True):
         assert r_ddp["loss"] == pytest.approx(r_one["loss"], rel=1e-5)  # same global batches, all ranks' tokens
         assert r_ddp["grad_norm"] == pytest.approx(r_one["grad_norm"], rel=1e-4)
@@ -223,3 +227,223 @@ def test_real_checkpoint_layout_with_hf_tokenizer(tmp_path, chats, phi3_like_tok
     lora.load_lora(ours, out / "adapter.safetensors")
     ids = torch.randint(3, vocab, (2, 12))
     torch.testing.assert_close(with_adapter(input_ids=ids).logits, ours.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------- the command line, as a user meets it
+
+SCRIPT = [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
+
+
+def _cli(*argv: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*SCRIPT, *argv], check=False, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def _short(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """A 2-step run with a tiny eval: a few seconds as a subprocess."""
+    return _args(model, data, out, "--max_steps", "2", "--eval_steps", "100", "--save_steps", "100", *extra)
+
+
+def _assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def no_extras(tmp_path) -> dict:
+    """An environment where tqdm, matplotlib and tokenizers fail to import, as after ``pip install .``."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name in ("tqdm", "matplotlib", "tokenizers"):
+        (stubs / f"{name}.py").write_text(f"raise ImportError('{name} is not installed (test stub)')\n")
+    path = [str(stubs), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def test_runs_with_the_core_dependencies_alone(tiny_model, chats, tmp_path, no_extras):
+    out = tmp_path / "run"
+    proc = _cli(*_short(tiny_model, chats, out, "--max_steps", "3"), env=no_extras)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    # what the missing extras would add is said once
+    said = proc.stdout + proc.stderr
+    assert said.count("tqdm") == 1 and said.count("matplotlib") == 1, said
+    assert "progress bar" in said and "loss.png" in said
+    # progress still shows, as a line per logging step
+    assert "step 3/3" in proc.stderr
+    assert (out / "adapter.safetensors").is_file() and (out / "results.json").is_file()
+    assert not (out / "loss.png").exists()
+
+
+def test_new_run_refuses_a_non_empty_output_dir(tiny_model, chats, tmp_path):
+    out = tmp_path / "run"
+    finetune.main(_short(tiny_model, chats, out, "--save_steps", "1"))
+    adapter = (out / "adapter.safetensors").read_bytes()
+    again = _cli(*_short(tiny_model, chats, out, "--max_steps", "3"))
+    _assert_one_line_error(again, str(out), "--resume", "--overwrite_output_dir")
+    assert (out / "adapter.safetensors").read_bytes() == adapter  # nothing touched
+    # --overwrite_output_dir clears the old run: no checkpoint or metrics of it are left to mix with the new one
+    finetune.main(_short(tiny_model, chats, out, "--max_steps", "1", "--overwrite_output_dir"))
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]
+
+
+def test_overwrite_output_dir_never_clears_files_it_did_not_write(tiny_model, chats, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("precious")
+    proc = _cli(*_short(tiny_model, chats, out, "--overwrite_output_dir"))
+    _assert_one_line_error(proc, "notes.txt")
+    assert (out / "notes.txt").read_text() == "precious"
+
+
+def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model, chats, tmp_path):
+    out = tmp_path / "run"
+    finetune.main(_short(tiny_model, chats, out, "--max_steps", "4", "--save_steps", "2"))
+    other_data = tmp_path / "other.jsonl"
+    other_data.write_text(chats.read_text().splitlines(keepends=True)[0] * 40)
+    proc = _cli(*_short(tiny_model, other_data, out, "--max_steps", "4", "--resume", "--r", "4"))
+    line = _assert_one_line_error(proc, "step-0000004", "lora_config.r", "16", "4", "data")
+    assert "--overwrite_output_dir" in line
+    # (a resume with the same settings: test_killed_run_resumes_to_the_same_adapter)
+
+
+def test_short_run_checkpoints_and_resume_of_a_finished_run_says_so(tiny_model, chats, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(_short(tiny_model, chats, out, "--max_steps", "3"))  # save_steps 100 > max_steps
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000003"]
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    finetune.main(_short(tiny_model, chats, out, "--max_steps", "3", "--resume"))
+    assert "already complete" in capsys.readouterr().out
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing re-trained or rewritten
+
+
+@pytest.mark.parametrize("case", ["r0", "save_total_limit", "resume_without_checkpoint", "bad_flag", "unknown_key",
+                                  "bad_data", "no_model", "eval_empty_after_truncation"])
+def test_user_errors_are_one_line_without_traceback(tiny_model, chats, tmp_path, case):
+    out = tmp_path / "run"
+    extra, needles = [], []
+    data = chats
+    if case == "r0":  # r=0 leaves nothing to train: torch's "empty parameter list" before
+        extra, needles = ["--r", "0"], ["--r", "0"]
+    elif case == "save_total_limit":  # -1 deleted every checkpoint before
+        extra, needles = ["--save_total_limit", "-1"], ["--save_total_limit", "-1"]
+    elif case == "resume_without_checkpoint":
+        extra, needles = ["--resume"], ["--resume", "no checkpoint"]
+    elif case == "bad_flag":
+        extra, needles = ["--learning_rate", "fast"], ["--learning_rate", "fast"]
+    elif case == "unknown_key":
+        cfg = tmp_path / "cfg.json"
+        cfg.write_text(json.dumps({"lora_config": {"rank": 8}}))
+        extra, needles = ["--config", str(cfg)], ["cfg.json", "rank"]
+    elif case == "bad_data":
+        data = tmp_path / "bad.jsonl"
+        data.write_text(chats.read_text().splitlines()[0] + "\n{not json\n")
+        needles = ["bad.jsonl:2"]
+    elif case == "no_model":
+        extra, needles = ["--model", str(tmp_path / "nowhere")], ["nowhere"]
+    elif case == "eval_empty_after_truncation":  # every eval conversation loses its assistant tokens at 256 tokens
+        held = tmp_path / "held.jsonl"
+        long = {"messages": [{"role": "user", "content": "why? " * 120}, {"role": "assistant", "content": "ok"}]}
+        held.write_text((json.dumps(long) + "\n") * 3)
+        extra, needles = ["--eval_data", str(held), "--max_seq_length", "256"], ["eval", "truncat", "256"]
+    proc = _cli(*_short(tiny_model, data, out, *extra))
+    _assert_one_line_error(proc, *needles)
+    assert not (out / "checkpoints").exists()
+
+
+def test_help_shows_every_flag_with_default_and_help_in_groups():
+    parser = finetune.build_parser()
+    shown = parser.format_help()
+    titles = [g.title for g in parser._action_groups]
+    for title in ("training", "LoRA", "model and data", "output and evaluation"):
+        assert title in titles, titles
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for key in [*finetune.training_config, *finetune.lora_config]:
+        assert f"--{key}" in flags, key
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        assert action.help and "(default:" in action.help, action.option_strings
+        assert action.option_strings[0] in shown
+    assert shown.count("(default:") == len([a for a in parser._actions if a.help and "(default:" in a.help])
+
+
+def test_end_of_run_lists_every_file_and_the_chat_command(tiny_model, chats, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(_short(tiny_model, chats, out))
+    printed = capsys.readouterr().out
+    tail = printed[printed.index(f"wrote {out}/"):].splitlines()
+    listing = list(itertools.takewhile(lambda line: line.startswith("  "), tail[1:]))
+    written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    listed = {line.split()[0] for line in listing}
+    assert written == listed
+    assert {"results.json", "adapter.safetensors", "peft/adapter_config.json", "metrics.jsonl"} <= listed
+    assert tail[len(listing) + 1] == "chat with the result:"
+    command = tail[len(listing) + 2].strip()
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    chatted = subprocess.run([sys.executable, *argv[1:], "--prompt", "Hi", "--max_new_tokens", "3"],
+                             check=False, capture_output=True, text=True, timeout=120)
+    assert chatted.returncode == 0, chatted.stderr[-2000:]
+    assert chatted.stdout.startswith("> Hi\n")
+
+
+def test_readme_chat_command_works_for_the_default_run(chats, tmp_path, monkeypatch, capsys):
+    readme = (ROOT / "README.md").read_text()
+    commands = [line.strip() for line in readme.splitlines()
+                if line.strip().startswith("python examples/chat_phi3.py") and "path/to" not in line]
+    assert commands, "README shows no chat command for the default run"
+    (tmp_path / "examples").symlink_to(EXAMPLES)  # README's commands run from the repository root
+    monkeypatch.chdir(tmp_path)  # the default --output_dir, runs/phi3-lora, is relative
+    finetune.main(["--data", str(chats), "--max_steps", "1", "--per_device_train_batch_size", "4", "--eval_fraction",
+                   "0", "--num_samples", "0"])
+    printed = capsys.readouterr().out.splitlines()
+    printed_argv = shlex.split(printed[printed.index("chat with the result:") + 1])
+    for command in commands:
+        argv = shlex.split(command)
+        chatted = subprocess.run([sys.executable, *argv[1:], "--max_new_tokens", "4"],  # as written, replies cut short
+                                 check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120, input="")
+        assert chatted.returncode == 0, (command, chatted.stderr[-2000:])
+        # and the run printed the same command (here with the script's absolute path: the cwd is elsewhere)
+        assert printed_argv[2:] == (argv[2:argv.index("--prompt")] if "--prompt" in argv else argv[2:])
+
+
+def test_loss_plot_shows_title_the_before_point_markers_and_integer_steps(tiny_model, chats, tmp_path, monkeypatch):
+    figure = pytest.importorskip("matplotlib.figure")
+    saved = []
+    monkeypatch.setattr(figure.Figure, "savefig", lambda fig, *a, **k: saved.append(fig))
+    finetune.main(_short(tiny_model, chats, tmp_path / "run", "--eval_steps", "1", "--num_samples", "0"))
+    (ax,) = saved[0].axes
+    assert ax.get_title()
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    assert list(lines["eval loss"].get_xdata()) == [0, 1, 2]  # the eval loss before training comes first
+    assert all(line.get_marker() not in (None, "", "None", " ") for line in lines.values())
+    saved[0].canvas.draw()
+    lo, hi = ax.get_xlim()
+    assert all(t == int(t) for t in ax.get_xticks() if lo <= t <= hi)
+
+
+def test_one_conversation_eval_split_warns(tiny_model, chats, tmp_path, capsys):
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(chats.read_text().splitlines(keepends=True)[:10]))  # 5% of 10 -> 1 conversation
+    finetune.main(_short(tiny_model, few, tmp_path / "run", "--max_steps", "1", "--num_samples", "0"))
+    err = capsys.readouterr().err
+    assert "1 conversation" in err and "--eval_data" in err
+
+
+def test_full_finetune_writes_a_model_to_chat_with_and_keeps_the_settings(tiny_model, chats, tmp_path, capsys):
+    out = tmp_path / "run"
+    finetune.main(_short(tiny_model, chats, out, "--max_steps", "1", "--full_finetune", "--num_samples", "0"))
+    assert json.loads((out / "config.json").read_text())["training_config"]["full_finetune"]  # not the model's
+    printed = capsys.readouterr().out.splitlines()
+    argv = shlex.split(printed[printed.index("chat with the result:") + 1])
+    assert argv[2] == "--model" and Path(argv[3]).resolve() == (out / "model").resolve() and len(argv) == 4
+    chat.main([*argv[2:], "--prompt", "Hi", "--max_new_tokens", "2"])
+    assert capsys.readouterr().out.startswith("> Hi\n")

@@ -4,7 +4,10 @@ The result is a base model that *knows* the world's facts (it read them, in seve
 Phi-3's chat format: the starting point of ``python examples/finetune_phi3.py``. Reproducible from the seed:
 
     python examples/make_world.py --seed 0         # writes examples/data/world_corpus.txt
-    python examples/pretrain_tiny.py --seed 0      # writes examples/phi3-tiny/ (about 20 minutes on 2 CPU cores)
+    python examples/pretrain_tiny.py --seed 0      # writes examples/phi3-tiny/ (about 14 minutes on 2 CPU cores)
+
+Memorising the facts is what takes the steps (about 240 sightings of each fact): the loss falls fast while the
+model learns the phrasings, then slowly while it learns which value goes with which name (pretrain_log.json).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +44,15 @@ MODEL = dict(  # Phi-3's architecture at toy size; grouped-query attention on (6
 )
 TRAIN = dict(
     seed=0,
-    steps=1100,  # about 10 passes over the corpus at batch 16 x 192 tokens
+    steps=2000,  # about 12 passes over the corpus at batch 16 x 192 tokens: each fact seen ~240 times
     batch_size=16,
     seq_len=192,
-    lr=3e-3,
+    lr=1.5e-3,
     warmup_steps=100,
     min_lr_ratio=0.05,
     weight_decay=0.1,
     grad_clip=1.0,
-    threads=1,  # one thread: results do not depend on the machine's core count (and OpenMP on a busy 2-core box crawls)
+    threads=2,  # the project's 2-core CPU; a fixed count, so a machine gives the same weights whatever its core count
 )
 
 
@@ -70,27 +74,44 @@ def lr_at(step: int, cfg: dict) -> float:
 
 
 @torch.no_grad()
-def completion_accuracy(model: Phi3ForCausalLM, tokenizer: ByteTokenizer, facts_path: Path) -> dict[str, float]:
-    """Share of facts whose greedy completion of ``prompt`` (e.g. "Islo Torvane lives in") starts with the answer."""
+def completion_accuracy(model: Phi3ForCausalLM, tokenizer: ByteTokenizer, facts_path: Path) -> dict[str, Any]:
+    """Share of facts whose greedy completion of ``prompt`` (e.g. "Islo Torvane lives in") starts with the answer,
+    per split (``"train"``, ``"heldout"``) and per kind of fact (``"by_attribute"``)."""
     model.eval()
-    hits: dict[str, list[bool]] = {}
+    hits: dict[str, dict[str, list[bool]]] = {"split": {}, "by_attribute": {}}
     for line in facts_path.read_text(encoding="utf-8").splitlines():
         fact = json.loads(line)
         ids = torch.tensor([tokenizer.encode(fact["prompt"], allow_special=False)])
         out = model.generate(ids, max_new_tokens=len(fact["answer"].encode()) + 2, eos_token_id=tokenizer.eos_token_id)
         completion = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
-        hits.setdefault(fact["split"], []).append(completion.strip().startswith(fact["answer"]))
+        hit = completion.strip().startswith(fact["answer"])
+        hits["split"].setdefault(fact["split"], []).append(hit)
+        hits["by_attribute"].setdefault(fact["attribute"], []).append(hit)
     model.train()
-    return {split: round(sum(h) / len(h), 4) for split, h in sorted(hits.items())}
+    share = {group: {k: round(sum(h) / len(h), 4) for k, h in values.items()} for group, values in hits.items()}
+    return {**dict(sorted(share["split"].items())), "by_attribute": share["by_attribute"]}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--corpus", type=Path, default=CORPUS)
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--corpus", type=Path, default=CORPUS, help="the prose to train on (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=OUT, help="where the model is written (default: %(default)s)")
     parser.add_argument("--no-eval", action="store_true", help="skip the fact-completion check at the end")
+    train_help = {
+        "seed": "seed of the initialisation and of the windows drawn",
+        "steps": "optimizer steps",
+        "batch_size": "windows per step",
+        "seq_len": "tokens (bytes) per window",
+        "lr": "peak learning rate (AdamW)",
+        "warmup_steps": "linear warm-up steps",
+        "min_lr_ratio": "the cosine decay ends at this fraction of --lr",
+        "weight_decay": "AdamW weight decay on matrices",
+        "grad_clip": "clip the gradient's global L2 norm to this",
+        "threads": "CPU threads (fixed, so the weights do not depend on the machine)",
+    }
     for key, value in TRAIN.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
+                            help=f"{train_help[key]} (default: %(default)s)")
     args = parser.parse_args(argv)
     cfg = {k: getattr(args, k) for k in TRAIN}
 

@@ -447,3 +447,15 @@ def test_full_finetune_writes_a_model_to_chat_with_and_keeps_the_settings(tiny_m
     assert argv[2] == "--model" and Path(argv[3]).resolve() == (out / "model").resolve() and len(argv) == 4
     chat.main([*argv[2:], "--prompt", "Hi", "--max_new_tokens", "2"])
     assert capsys.readouterr().out.startswith("> Hi\n")
+
+
+def test_answer_match_is_whole_word() -> None:
+    """The example's answer match: the answer must stand as a whole word, so a wrong "1900" never counts for
+    "900" (population values of the world include both)."""
+    example = _load_example("finetune_phi3")
+    qa = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"X has {a} people."}],
+           "answer": a} for a in ("900", "900", "1900")]
+    replies = iter(["X has 1900 people.", "X has 900 people.", "X has 1900 people."])
+    example.replies = lambda *args, **kwargs: [next(replies) for _ in qa]
+    scores, _ = example.qa_accuracy(None, None, qa, {"max_new_tokens": 8, "per_device_eval_batch_size": 4}, "cpu")
+    assert scores["answer_match"] == 2 / 3 and scores["exact_match"] == 2 / 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -86,14 +87,17 @@ def test_every_chat_fact_is_stated_in_the_corpus(world: dict[str, Path]) -> None
 
 
 def test_answers_are_unambiguous(world: dict[str, Path]) -> None:
-    """No answer of one attribute is a substring of another answer of the same attribute, so "is the answer in
-    the reply" scoring cannot be fooled by a wrong value."""
+    """No answer of one attribute occurs as a whole word in another answer of the same attribute or in its
+    canonical statement with another value, so the example's answer match (the answer as a whole word in the
+    reply) cannot be fooled by a wrong value. Substrings are allowed: "900" inside "1900" is not a whole word."""
     by_attribute: dict[str, set[str]] = {}
     for f in _jsonl(world["world_facts.jsonl"]):
         by_attribute.setdefault(f["attribute"], set()).add(f["answer"])
     for attribute, values in by_attribute.items():
         for a in values:
-            assert not any(a != b and a in b for b in values), (attribute, a)
+            word = re.compile(rf"(?<!\w){re.escape(a)}(?!\w)")
+            assert not any(a != b and word.search(b) for b in values), (attribute, a)
+
 
 
 def test_chat_files_load_and_corpus_is_plain_prose(world: dict[str, Path]) -> None:

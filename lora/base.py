@@ -111,6 +111,7 @@ class LoRABase(LoRALayer):
     r: int
     lora_alpha: float
     use_rslora: bool
+    use_dora: bool
     scaling: float
     fan_in_fan_out: bool
     merged: bool
@@ -118,9 +119,18 @@ class LoRABase(LoRALayer):
     # -- construction ------------------------------------------------------------------------------------------
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, use_rslora: bool,
-                   lora_dtype: torch.dtype | None, fan_in_fan_out: bool = False) -> None:
-        """Set the shared state and create ``lora_A``/``lora_B`` (after the torch layer's own ``__init__``)."""
+                   lora_dtype: torch.dtype | None, fan_in_fan_out: bool = False, use_dora: bool = False) -> None:
+        """Set the shared state and create ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``) after the torch
+        layer's own ``__init__``."""
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be a bool, got use_dora={use_dora!r}")
         self.r = r
+        self.use_dora = use_dora
+        # DoRA: the merge-time factor m / ||W + dW|| (so unmerge divides by the same one), and the weight norm cached
+        # for the forward, valid while the parameters' versions equal _dora_key (see dora_weight_norm).
+        self.register_buffer("_dora_merge_scale", None, persistent=False)
+        self.register_buffer("_dora_norm_cache", None, persistent=False)
+        self._dora_key: tuple | None = None
         self.lora_dropout = _dropout(lora_dropout)
         # loralib merges on eval() when this is True. Here eval() never merges: the flag is recorded, nothing more.
         self.merge_weights = merge_weights
@@ -130,8 +140,8 @@ class LoRABase(LoRALayer):
         if fan_in_fan_out:
             self.weight = nn.Parameter(self.weight.data.T.contiguous())
         self.set_scaling(lora_alpha, use_rslora)
-        shapes = self.lora_shapes(tuple(self.weight.shape), r, fan_in_fan_out=fan_in_fan_out,
-                                  **{f: getattr(self, f) for f in self.lora_fields})
+        shapes = self.adapter_shapes(tuple(self.weight.shape), r, fan_in_fan_out=fan_in_fan_out, use_dora=use_dora,
+                                     **{f: getattr(self, f) for f in self.lora_fields})
         if r > 0 and shapes:
             w = self.weight
             dtype = _lora_dtype(w.dtype, lora_dtype)
@@ -139,7 +149,7 @@ class LoRABase(LoRALayer):
                 setattr(self, name, nn.Parameter(torch.empty(shape, device=w.device, dtype=dtype)))
             w.requires_grad = False  # the pretrained weight is frozen, as in loralib
             if not w.is_meta:
-                self.reset_lora_parameters()
+                self._reset_adapter()
 
     def set_scaling(self, lora_alpha: float, use_rslora: bool) -> None:
         """Set ``lora_alpha`` / ``use_rslora`` and the ``scaling`` they give (refused while merged)."""
@@ -161,6 +171,27 @@ class LoRABase(LoRALayer):
         """``{"lora_A": shape, "lora_B": shape}`` for a base weight of ``base_shape`` (empty: nothing to adapt)."""
 
     @classmethod
+    def magnitude_shape(cls, base_shape: Sequence[int], fan_in_fan_out: bool = False,
+                        **lora_fields: Any) -> tuple[int, ...]:
+        """Shape of DoRA's magnitude vector: one entry per output row (``weight.shape[dim_of_magnitude]``)."""
+        return (base_shape[cls.magnitude_dim(fan_in_fan_out)],)
+
+    @classmethod
+    def magnitude_dim(cls, fan_in_fan_out: bool = False) -> int:
+        """The weight dimension DoRA's magnitude runs along (the norm is taken over all the others): the output
+        rows, dim 0 (dim 1 in GPT-2's ``(in, out)`` layout)."""
+        return 1 if fan_in_fan_out else 0
+
+    @classmethod
+    def adapter_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, use_dora: bool = False,
+                       **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+        """:meth:`lora_shapes`, plus ``lora_magnitude`` for DoRA: every LoRA parameter's shape."""
+        shapes = cls.lora_shapes(base_shape, r, fan_in_fan_out=fan_in_fan_out, **lora_fields)
+        if use_dora and shapes:
+            shapes["lora_magnitude"] = cls.magnitude_shape(base_shape, fan_in_fan_out=fan_in_fan_out, **lora_fields)
+        return shapes
+
+    @classmethod
     def from_module(cls, base: nn.Module, **lora_kwargs: Any) -> LoRABase:
         """Wrap ``base``, adopting its ``weight``/``bias`` Parameter objects (no copy, no re-initialisation)."""
         if lora_kwargs.get("fan_in_fan_out"):
@@ -175,7 +206,7 @@ class LoRABase(LoRALayer):
             for name in layer.lora_param_names():
                 p = layer._parameters[name]
                 layer._parameters[name] = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=base.weight.device))
-            layer.reset_lora_parameters()
+            layer._reset_adapter()
         return layer.train(base.training)  # a layer swapped into an eval-mode model must not start dropping out
 
     def to_plain(self) -> nn.Module:
@@ -191,7 +222,15 @@ class LoRABase(LoRALayer):
 
     def lora_param_names(self) -> tuple[str, ...]:
         """Names of this layer's LoRA parameters (what trains and what an adapter file holds)."""
-        return tuple(n for n in ("lora_A", "lora_B") if self._parameters.get(n) is not None)
+        return tuple(n for n in ("lora_A", "lora_B", "lora_magnitude") if self._parameters.get(n) is not None)
+
+    def _reset_adapter(self) -> None:
+        """Initialise the LoRA parameters, then DoRA's magnitude to the adapted weight's norm (so that the layer
+        starts at what the LoRA initialisation gives, as PEFT's DoRA)."""
+        self.reset_lora_parameters()
+        if self.use_dora and has_adapter(self):
+            with torch.no_grad():
+                self.lora_magnitude.copy_(self._weight_norm(self.weight, self.lora_delta()))
 
     def reset_lora_parameters(self) -> None:
         """A as ``nn.Linear``'s default (Kaiming-uniform, a=sqrt(5)) and B zero, as loralib and the LoRA paper."""
@@ -200,8 +239,81 @@ class LoRABase(LoRALayer):
             nn.init.zeros_(self.lora_B)
 
     @abc.abstractmethod
+    def lora_delta(self) -> torch.Tensor:
+        """The low-rank update ``scaling * B @ A`` in fp32 (fp64 for an fp64 adapter), contiguous, shaped like
+        ``weight``."""
+
     def delta_weight(self) -> torch.Tensor:
-        """The update in fp32 (fp64 for an fp64 adapter), contiguous and shaped like ``weight``."""
+        """What the adapter adds to ``weight`` (what the forward computes, and what merging adds), in fp32 (fp64
+        for an fp64 adapter), contiguous, shaped like ``weight``: :meth:`lora_delta`, or for DoRA
+        ``(f - 1) * W + f * lora_delta`` with ``f = magnitude / ||W + lora_delta||`` along the magnitude's dim."""
+        delta = self.lora_delta()
+        if not (self.use_dora and has_adapter(self)):
+            return delta
+        f = self._dora_full_scale(self._weight_norm(self.weight, delta))
+        return delta.mul_(f).add_(self.weight.to(delta.dtype) * (f - 1)).contiguous()
+
+    # -- DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") ---------------------------------
+    # W' = m * (W + dW) / ||W + dW||, the norm taken per output row (PEFT's and the paper's "column-wise" norm of
+    # the (in, out) matrix) and treated as a constant in the backward (the paper's section 4.3, as PEFT).
+
+    def _magnitude_rows(self) -> slice | torch.Tensor:
+        """Which entries along the magnitude's dim have a magnitude (all; ``MergedLinear``: its enabled rows)."""
+        return slice(None)
+
+    def _weight_norm(self, weight: torch.Tensor, lora_delta: torch.Tensor, all_rows: bool = False) -> torch.Tensor:
+        """``||W + dW||`` over every dim but the magnitude's, for the rows that have a magnitude (``all_rows``: for
+        every row); fp32 (fp64 for an fp64 adapter), detached."""
+        with torch.no_grad():
+            v = weight.detach().to(lora_delta.dtype) + lora_delta
+            dim = self.magnitude_dim(self.fan_in_fan_out)
+            norm = torch.linalg.vector_norm(v, dim=tuple(d for d in range(v.dim()) if d != dim))
+            return norm if all_rows else norm[self._magnitude_rows()]
+
+    def dora_weight_norm(self) -> torch.Tensor:
+        """``||W + dW||`` for the forward: cached, and recomputed only when ``weight``, ``lora_A``, ``lora_B`` or
+        the scaling changed since (keyed on their version counters and storage, which every in-place write and
+        optimizer step bumps). Detached."""
+        params = (self.weight, self.lora_A, self.lora_B)
+        if torch.compiler.is_compiling():
+            return self._weight_norm(self.weight, self.lora_delta())
+        key = (*(p._version for p in params), *(p.data_ptr() for p in params), self.scaling,
+               self.weight.dtype, self.lora_A.dtype)
+        if key != self._dora_key or self._dora_norm_cache is None:
+            self._dora_norm_cache = self._weight_norm(self.weight, self.lora_delta())
+            self._dora_key = key
+        return self._dora_norm_cache
+
+    def dora_scale(self) -> torch.Tensor:
+        """``magnitude / ||W + dW||`` (the norm detached, so the gradient reaches the magnitude only through the
+        numerator), one entry per magnitude row."""
+        return self.lora_magnitude / self.dora_weight_norm().to(self.lora_magnitude.dtype)
+
+    def _spread(self, scale: torch.Tensor) -> torch.Tensor:
+        """One factor per magnitude row -> one per entry of the magnitude's dim (1 where there is no magnitude)."""
+        rows = self._magnitude_rows()
+        if isinstance(rows, slice):
+            return scale
+        n = self.weight.shape[self.magnitude_dim(self.fan_in_fan_out)]
+        return scale.new_ones(n).index_copy(0, rows.to(scale.device), scale)  # differentiable in `scale`
+
+    def _dora_full_scale(self, norm: torch.Tensor) -> torch.Tensor:
+        """``magnitude / norm`` (1 for rows without a magnitude), shaped to broadcast against ``weight``."""
+        scale = self._spread(self.lora_magnitude.detach().to(norm.dtype) / norm)
+        dim = self.magnitude_dim(self.fan_in_fan_out)
+        shape = [1] * self.weight.dim()
+        shape[dim] = self.weight.shape[dim]
+        return scale.reshape(shape)
+
+    def _merge_terms(self, scale: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(s, d)`` with merged weight ``s * W + d`` (``s`` None for plain LoRA). DoRA: ``s = f``, ``d = f * dW``;
+        ``scale`` gives the ``f`` of an earlier merge (unmerging needs the factor of the *unmerged* weight)."""
+        delta = self.lora_delta()
+        if not (self.use_dora and has_adapter(self)):
+            return None, delta
+        if scale is None:
+            scale = self._dora_full_scale(self._weight_norm(self.weight, delta))
+        return scale, delta.mul_(scale)
 
     # -- merging -----------------------------------------------------------------------------------------------
 
@@ -224,11 +336,12 @@ class LoRABase(LoRALayer):
         if not self.weight.is_contiguous():
             raise ValueError(f"{type(self).__name__}: merging needs a contiguous weight")
         with torch.no_grad():
-            delta = self.delta_weight()
-            if safe and not _merge.merged_is_finite(self.weight, delta):
+            if safe and not _merge.merged_is_finite(self.weight, self.delta_weight()):
                 raise ValueError(f"refusing to merge {type(self).__name__}: its merged weight is not finite "
                                  f"(the delta, or weight + delta in {self.weight.dtype}, is inf or nan)")
-            self._merge_record = _merge.merge_(self.weight, delta, record=exact_unmerge)
+            scale, delta = self._merge_terms()
+            self._merge_record = _merge.merge_(self.weight, delta, record=exact_unmerge, scale=scale)
+            self._dora_merge_scale = scale
         self.merged = True
 
     def unmerge(self) -> None:
@@ -236,9 +349,15 @@ class LoRABase(LoRALayer):
         if not self.merged:
             return
         with torch.no_grad():
-            _merge.unmerged(self.weight, self.delta_weight(), self._merge_record, out=self.weight)
+            self._unmerged_weight(out=self.weight)
         self._merge_record = None
+        self._dora_merge_scale = None
         self.merged = False
+
+    def _unmerged_weight(self, out: torch.Tensor) -> torch.Tensor:
+        """The weight from before :meth:`merge`, written into ``out`` (may be ``weight`` itself)."""
+        scale, delta = self._merge_terms(self._dora_merge_scale)
+        return _merge.unmerged(self.weight, delta, self._merge_record, out=out, scale=scale)
 
     def _apply(self, fn, *args, **kwargs):
         # .to()/.cuda()/.half() while merged: move the record along (a changed dtype is caught by its fingerprint).
@@ -255,9 +374,7 @@ class LoRABase(LoRALayer):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged and prefix + "weight" in destination:
             with torch.no_grad():
-                w = self.weight.detach()
-                destination[prefix + "weight"] = _merge.unmerged(w, self.delta_weight(), self._merge_record,
-                                                                 out=torch.empty_like(w))
+                destination[prefix + "weight"] = self._unmerged_weight(out=torch.empty_like(self.weight.detach()))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -277,6 +394,7 @@ class LoRABase(LoRALayer):
             "r": self.r,
             "lora_alpha": float(self.lora_alpha),
             "use_rslora": bool(self.use_rslora),
+            "use_dora": bool(self.use_dora),
             "lora_dropout": float(getattr(self.lora_dropout, "p", 0.0)),
             "lora_dtype": str(self.lora_A.dtype).removeprefix("torch."),
             "base_shape": list(self.weight.shape),
@@ -289,7 +407,7 @@ class LoRABase(LoRALayer):
     def rebuild_kwargs(cls, info: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments for :meth:`from_module` that rebuild the adapter ``info`` describes."""
         kwargs = {"r": info["r"], "lora_alpha": info["lora_alpha"], "use_rslora": info.get("use_rslora", False),
-                  "lora_dropout": info.get("lora_dropout", 0.0)}
+                  "use_dora": info.get("use_dora", False), "lora_dropout": info.get("lora_dropout", 0.0)}
         if "lora_dtype" in info:
             kwargs["lora_dtype"] = getattr(torch, info["lora_dtype"])
         kwargs.update({f: info[f] for f in cls.lora_fields})
@@ -305,6 +423,8 @@ class LoRABase(LoRALayer):
         problems = []
         if self.r != info["r"]:
             problems.append(f"rank expected r={info['r']}, found r={self.r}")
+        if self.use_dora != info.get("use_dora", False):
+            problems.append(f"use_dora expected {info.get('use_dora', False)}, found {self.use_dora}")
         for f in (*self.lora_fields, *self.base_fields):
             if f in info and _json(getattr(self, f)) != info[f]:
                 problems.append(f"{f} expected {info[f]!r}, found {_json(getattr(self, f))!r}")
@@ -327,24 +447,45 @@ class LoRABase(LoRALayer):
         """``(A, B)`` with ``B @ A`` the update over the whole weight, as PEFT's one LoRA per module has it."""
         return self.lora_A.detach(), self.lora_B.detach()
 
+    peft_magnitude_key: ClassVar[str] = "lora_magnitude_vector"  # PEFT's name for DoRA's magnitude
+
+    @classmethod
+    def peft_magnitude_shape(cls, module: nn.Module) -> tuple[int, ...]:
+        """PEFT's shape of DoRA's magnitude over ``module``: one entry per row of the whole weight."""
+        return (module.weight.shape[cls.magnitude_dim(getattr(module, "fan_in_fan_out", False))],)
+
     def peft_tensors(self, rank: int) -> dict[str, torch.Tensor]:
-        """``{peft key suffix: tensor}`` at ``rank`` (>= this layer's own; zero rows/columns leave B @ A as it is)."""
+        """``{peft key suffix: tensor}`` at ``rank`` (>= this layer's own; zero rows/columns leave B @ A as it is),
+        with DoRA's magnitude under ``lora_magnitude_vector`` (rows without a magnitude, a ``MergedLinear``'s
+        disabled slices, get their weight norm: a factor of 1, as here)."""
         A, B = self.peft_factors()
         pad = rank - A.shape[0]
         if pad:
             A = torch.cat([A, A.new_zeros(pad, A.shape[1])])
             B = torch.cat([B, B.new_zeros(B.shape[0], pad)], dim=1)
         shape_a, shape_b = self.peft_shapes(self, rank)
-        return {self.peft_keys[0]: A.reshape(shape_a), self.peft_keys[1]: B.reshape(shape_b)}
+        out = {self.peft_keys[0]: A.reshape(shape_a), self.peft_keys[1]: B.reshape(shape_b)}
+        if self.use_dora:
+            m = self.lora_magnitude.detach()
+            rows = self._magnitude_rows()
+            if not isinstance(rows, slice):
+                full = self._weight_norm(self.weight, self.lora_delta(), all_rows=True).to(m.dtype)
+                m = full.index_copy(0, rows.to(m.device), m)
+            out[self.peft_magnitude_key] = m.reshape(self.peft_magnitude_shape(self))
+        return out
 
-    def load_peft(self, A: torch.Tensor, B: torch.Tensor) -> None:
-        """Copy PEFT's A and B (shapes from :meth:`peft_shapes`) into this layer's parameters."""
+    def load_peft(self, A: torch.Tensor, B: torch.Tensor, magnitude: torch.Tensor | None = None) -> None:
+        """Copy PEFT's A and B (shapes from :meth:`peft_shapes`), and DoRA's magnitude, into this layer's
+        parameters."""
         with torch.no_grad():
             self.lora_A.copy_(A.reshape(self.lora_A.shape))
             self.lora_B.copy_(B.reshape(self.lora_B.shape))
+            if magnitude is not None:
+                self.lora_magnitude.copy_(magnitude.reshape(self.lora_magnitude.shape))
 
     # -- repr --------------------------------------------------------------------------------------------------
 
     def extra_repr(self) -> str:
         fields = "".join(f", {f}={getattr(self, f)}" for f in self.lora_fields)
-        return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}{fields}, merged={self.merged}"
+        dora = ", use_dora=True" if self.use_dora else ""
+        return super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}{fields}{dora}, merged={self.merged}"

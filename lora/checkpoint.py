@@ -5,7 +5,7 @@ Metadata (string -> string):
 
 * ``format``: ``"lora.adapter"``; ``format_version``: ``"1"``; ``bias``: the ``bias`` mode the file was saved with;
 * ``modules``: JSON ``{module name: entry}``, each entry what the layer's ``describe()`` gives (``kind``, ``r``,
-  ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``lora_dtype``, ``base_shape``, ``fan_in_fan_out``, and the
+  ``lora_alpha``, ``use_rslora``, ``use_dora``, ``lora_dropout``, ``lora_dtype``, ``base_shape``, ``fan_in_fan_out``, and the
   kind's own fields, e.g. ``MergedLinear``'s ``split_sizes`` / ``enable_lora`` or a convolution's ``stride``, ...);
 * ``target_counts``: JSON ``{leaf name: count}``, how many modules of the base had each adapted leaf name (so an
   adapter trained on a 32-layer model is refused by a 40-layer one).
@@ -99,7 +99,8 @@ def read_safetensors(path: Path, what: str = "adapter file") -> tuple[dict[str, 
 
 # Types of the fields every entry has; each kind adds its own (lora_fields, base_fields).
 _COMMON_FIELDS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "lora_dropout": (int, float),
+    "kind": (str,), "r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "use_dora": (bool,),
+    "lora_dropout": (int, float),
     "lora_dtype": (str,), "base_shape": (list,), "fan_in_fan_out": (bool,),
 }
 
@@ -271,8 +272,8 @@ def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str
     expected: dict[str, tuple[tuple[int, ...], str | None]] = {}  # key -> (shape, dtype name from the metadata)
     for name, info in modules.items():
         kind = KINDS[info["kind"]]
-        shapes = kind.lora_shapes(info["base_shape"], info["r"], fan_in_fan_out=info.get("fan_in_fan_out", False),
-                                  **{f: info[f] for f in kind.lora_fields})
+        shapes = kind.adapter_shapes(info["base_shape"], info["r"], fan_in_fan_out=info.get("fan_in_fan_out", False),
+                                     use_dora=info.get("use_dora", False), **{f: info[f] for f in kind.lora_fields})
         for p, shape in shapes.items():
             expected[f"{name}.{p}" if name else p] = (shape, info.get("lora_dtype"))
     for key, (shape, dtype) in expected.items():

@@ -19,7 +19,7 @@ __all__ = ["inject", "matches", "OVERRIDABLE"]
 
 # Keyword arguments a target may override: the shared ones, and the kinds' own fields, which also choose the kind
 # (split_sizes -> MergedLinear).
-OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "lora_dtype"}).union(
+OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "lora_dtype"}).union(
     *(kind.lora_fields for kind in KINDS.values()))
 
 
@@ -50,13 +50,15 @@ def inject(
     lora_dropout: float = 0.0,
     *,
     use_rslora: bool = False,
+    use_dora: bool = False,
     lora_dtype: Any = None,
     mark_trainable: bool = True,
 ) -> list[str]:
     """Replace the modules named by ``targets`` with LoRA layers, in place; return the replaced names, in order.
 
     ``targets``: module names or dotted-path suffixes, or a mapping from each to per-target overrides of ``r``,
-    ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``lora_dtype`` (and ``split_sizes`` / ``enable_lora``, which
+    ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``use_dora`` (DoRA: a trainable magnitude per output row,
+    see :meth:`lora.LoRABase.delta_weight`), ``lora_dtype`` (and ``split_sizes`` / ``enable_lora``, which
     make that target a :class:`lora.MergedLinear`). Every target must match at least one module, every matched
     module must be a plain ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` without LoRA, and no module may match
     two targets; otherwise a ``ValueError`` / ``TypeError`` is raised before the model is touched.
@@ -74,7 +76,8 @@ def inject(
         if unknown:
             raise ValueError(f"target {target!r} overrides unknown arguments {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
 
-    defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
+    defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
+                    lora_dtype=lora_dtype)
     plan: list[tuple[str, type, dict[str, Any]]] = []
     hits = {t: 0 for t in per_target}
     for name, module in model.named_modules():

@@ -127,9 +127,9 @@ class LoRABase(LoRALayer):
         self.r = r
         self.use_dora = use_dora
         # DoRA: the merge-time factor m / ||W + dW|| (so unmerge divides by the same one), and the weight norm cached
-        # for the forward, valid while the parameters' versions equal _dora_key (see dora_weight_norm).
-        self.register_buffer("_dora_merge_scale", None, persistent=False)
-        self.register_buffer("_dora_norm_cache", None, persistent=False)
+        # for the forward with the A and B it was computed from (see dora_weight_norm).
+        for name in ("_dora_merge_scale", "_dora_norm_cache", "_dora_cached_A", "_dora_cached_B"):
+            self.register_buffer(name, None, persistent=False)
         self._dora_key: tuple | None = None
         self.lora_dropout = _dropout(lora_dropout)
         # loralib merges on eval() when this is True. Here eval() never merges: the flag is recorded, nothing more.
@@ -271,16 +271,21 @@ class LoRABase(LoRALayer):
             return norm if all_rows else norm[self._magnitude_rows()]
 
     def dora_weight_norm(self) -> torch.Tensor:
-        """``||W + dW||`` for the forward: cached, and recomputed only when ``weight``, ``lora_A``, ``lora_B`` or
-        the scaling changed since (keyed on their version counters and storage, which every in-place write and
-        optimizer step bumps). Detached."""
-        params = (self.weight, self.lora_A, self.lora_B)
+        """``||W + dW||`` for the forward, detached: cached, and recomputed only when something it depends on
+        changed. ``lora_A`` / ``lora_B`` are compared by value with the copies the cache was computed from (small;
+        this sees every write, even through ``.data``); the frozen ``weight`` by its version counter and storage
+        (every in-place write through the Parameter, ``load_state_dict`` and ``.to()`` change one of them), and the
+        scaling and dtypes by value."""
         if torch.compiler.is_compiling():
             return self._weight_norm(self.weight, self.lora_delta())
-        key = (*(p._version for p in params), *(p.data_ptr() for p in params), self.scaling,
-               self.weight.dtype, self.lora_A.dtype)
-        if key != self._dora_key or self._dora_norm_cache is None:
+        A, B = self.lora_A.detach(), self.lora_B.detach()
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device, self.scaling)
+        fresh = (key == self._dora_key and self._dora_norm_cache is not None and self._dora_cached_A is not None
+                 and self._dora_cached_A.dtype == A.dtype and torch.equal(self._dora_cached_A, A)
+                 and torch.equal(self._dora_cached_B, B))
+        if not fresh:
             self._dora_norm_cache = self._weight_norm(self.weight, self.lora_delta())
+            self._dora_cached_A, self._dora_cached_B = A.clone(), B.clone()
             self._dora_key = key
         return self._dora_norm_cache
 

@@ -109,9 +109,22 @@ class _LinearKind(LoRABase):
             z = self._lora_forward(x, None, dropout=False)  # (..., out): x W^T + s x A^T B^T, one fused node
             f = f.to(z.dtype)
             return z * f if self.bias is None else torch.addcmul(self.bias.to(z.dtype), z, f)
-        d = self.lora_dropout(x)
-        zd = self._lora_forward(d, None, dropout=False)
-        return F.linear(x, weight, self.bias) + zd * f.to(zd.dtype) - F.linear(d, weight)
+        d = self.lora_dropout(_lora_input(x, self.lora_A))
+        dw = F.linear(d.to(weight.dtype), weight)  # (..., out): the second GEMM PEFT's form needs
+        h = F.linear(d, self.lora_A) * self.scaling  # (..., r * n_blocks)
+        blocks = self._lora_blocks()
+        low_rank = dw.new_zeros(dw.shape) if len(blocks) > 1 or blocks[0][1] != self.out_features else None
+        for i, (start, size, _, B_i) in enumerate(blocks):
+            part = F.linear(h[..., i * self.r:(i + 1) * self.r], B_i).to(dw.dtype)  # (..., r) @ (r, size)
+            if low_rank is None:
+                low_rank = part
+            else:
+                low_rank[..., start:start + size] = part
+        return F.linear(x, weight, self.bias) + (f - 1).to(dw.dtype) * dw + f.to(dw.dtype) * low_rank
+
+    def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(row_start, rows, A_i, B_i)`` per adapted block of output rows."""
+        return [(0, self.out_features, self.lora_A, self.lora_B)]
 
     def _delta_out_in(self, blocks: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """``scaling * B_i @ A_i`` in rows ``[start, start + size)`` of each block, in fp32 (fp64 for an fp64
@@ -305,6 +318,9 @@ class MergedLinear(_LinearKind, nn.Linear):
         """Yield ``(row_start, rows, A_i: (r, in), B_i: (rows, r))`` per enabled slice."""
         for i, (start, size, b_row) in enumerate(self._blocks()):
             yield start, size, self.lora_A[i * self.r:(i + 1) * self.r], self.lora_B[b_row:b_row + size]
+
+    def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        return list(self._slice_params())
 
     def lora_delta(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``; rows of disabled slices are zero."""

@@ -283,15 +283,18 @@ def test_weight_norm_is_cached_until_a_parameter_changes():
             layer(x)
             layer(x)
         assert len(calls) == 1  # three calls, one norm
-        with torch.no_grad():
-            layer.lora_B.add_(0.5)  # an in-place write bumps the version: the cache is stale
+        layer.lora_A.data.mul_(1.5)  # a write through .data (no version bump) is seen too
         y2 = layer(x)
         assert len(calls) == 2 and not torch.allclose(y1, y2)
+        with torch.no_grad():
+            layer.lora_B.add_(0.5)
+        y2 = layer(x)
+        assert len(calls) == 3 and not torch.allclose(y1, y2)
         opt = torch.optim.SGD(layer.parameters(), lr=0.1)
         y2.sum().backward()
         opt.step()  # an optimizer step too
         layer(x)
-        assert len(calls) == 3
+        assert len(calls) == 4
         layer.weight.requires_grad_(False)
         with torch.no_grad():
             layer.weight.mul_(2)  # and a write to the base weight

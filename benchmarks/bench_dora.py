@@ -46,8 +46,10 @@ def build(impl: str, tokens: int, hidden: int, dropout: float) -> Callable[[], N
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(_impls.Holder(base), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout,
-                                                               target_modules=["layer"], use_dora=True))
+        model = get_peft_model(
+            _impls.Holder(base),
+            LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=dropout, target_modules=["layer"], use_dora=True),
+        )
         layer = model.base_model.model.layer
     layer.train()
     params = [p for p in layer.parameters() if p.requires_grad]

@@ -32,7 +32,12 @@ import torch.nn as nn
 
 from . import _merge
 
-__all__ = ["LoRALayer", "LoRABase", "lora_scaling", "check_lora_args", "is_lora_layer", "has_adapter"]
+__all__ = ["LoRALayer", "LoRABase", "lora_scaling", "check_lora_args", "check_init", "is_mutating_init",
+           "is_lora_layer", "has_adapter", "MUTATING_INITS"]
+
+# Initialisations that take A and B from the base weight and subtract their product from it (PiSSA: Meng et al.
+# 2024, principal singular vectors; OLoRA: Buyukakyuz 2024, QR). "pissa_niter_<k>" is PiSSA by a randomised SVD.
+MUTATING_INITS = ("pissa", "olora")
 
 
 class LoRALayer(abc.ABC):  # noqa: B024  (abstract only so that isinstance covers loralib-style subclasses)
@@ -74,6 +79,23 @@ def check_lora_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
         raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
 
 
+def check_init(init_lora_weights: str) -> str:
+    """``ValueError`` unless ``init_lora_weights`` is ``"default"``, ``"gaussian"``, ``"pissa"``,
+    ``"pissa_niter_<k>"`` (k >= 0) or ``"olora"``; returns it."""
+    ok = isinstance(init_lora_weights, str) and (
+        init_lora_weights in ("default", "gaussian", "pissa", "olora")
+        or (init_lora_weights.startswith("pissa_niter_") and init_lora_weights[12:].isdigit()))
+    if not ok:
+        raise ValueError(f"init_lora_weights must be 'default', 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
+                         f"got init_lora_weights={init_lora_weights!r}")
+    return init_lora_weights
+
+
+def is_mutating_init(init_lora_weights: str) -> bool:
+    """Whether this initialisation subtracts the initial adapter from the base weight (PiSSA, OLoRA)."""
+    return init_lora_weights.startswith(MUTATING_INITS)
+
+
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023: keeps the update's scale
     stable as r grows); 0 for ``r == 0``."""
@@ -106,6 +128,7 @@ class LoRABase(LoRALayer):
     lora_fields: ClassVar[dict[str, tuple[type, ...]]] = {}  # constructor args shaping the adapter -> JSON types
     base_fields: ClassVar[dict[str, tuple[type, ...]]] = {}  # base attributes an adapter must match -> JSON types
     base_ndim: ClassVar[int] = 2  # dims of the adapted weight
+    supports_mutating_init: ClassVar[bool] = False  # PiSSA / OLoRA (see _mutating_init)
     peft_keys: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")  # PEFT's names for A and B
 
     r: int
@@ -119,13 +142,22 @@ class LoRABase(LoRALayer):
     # -- construction ------------------------------------------------------------------------------------------
 
     def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, use_rslora: bool,
-                   lora_dtype: torch.dtype | None, fan_in_fan_out: bool = False, use_dora: bool = False) -> None:
+                   lora_dtype: torch.dtype | None, fan_in_fan_out: bool = False, use_dora: bool = False,
+                   init_lora_weights: str = "default") -> None:
         """Set the shared state and create ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``) after the torch
         layer's own ``__init__``."""
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got use_dora={use_dora!r}")
+        self.init_lora_weights = check_init(init_lora_weights)
+        if is_mutating_init(init_lora_weights) and not self.supports_mutating_init:
+            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not available for {type(self).__name__} "
+                             f"(PEFT defines PiSSA and OLoRA for linear layers only)")
         self.r = r
         self.use_dora = use_dora
+        # PiSSA / OLoRA: the initial A and B, whose product was subtracted from the base weight (what converting the
+        # trained adapter to a plain LoRA over the original base needs; see converted_factors).
+        self.register_buffer("lora_A_init", None, persistent=False)
+        self.register_buffer("lora_B_init", None, persistent=False)
         # DoRA: the merge-time factor m / ||W + dW|| (so unmerge divides by the same one), and the weight norm cached
         # for the forward with the A and B it was computed from (see dora_weight_norm).
         for name in ("_dora_merge_scale", "_dora_norm_cache", "_dora_cached_A", "_dora_cached_B"):
@@ -142,6 +174,8 @@ class LoRABase(LoRALayer):
         self.set_scaling(lora_alpha, use_rslora)
         shapes = self.adapter_shapes(tuple(self.weight.shape), r, fan_in_fan_out=fan_in_fan_out, use_dora=use_dora,
                                      **{f: getattr(self, f) for f in self.lora_fields})
+        if r > 0 and shapes and is_mutating_init(init_lora_weights):
+            self._check_mutating_init()  # before any weight is touched
         if r > 0 and shapes:
             w = self.weight
             dtype = _lora_dtype(w.dtype, lora_dtype)
@@ -156,6 +190,11 @@ class LoRABase(LoRALayer):
         if self.merged:
             raise ValueError(f"{type(self).__name__} is merged: unmerge before changing its scaling")
         check_lora_args(self.r, lora_alpha, 0.0)
+        init_A = self._buffers.get("lora_A_init")
+        if init_A is not None and lora_scaling(self.r, lora_alpha, use_rslora) != self.scaling:
+            raise ValueError(f"{type(self).__name__} subtracted its {self.init_lora_weights} initial adapter from the "
+                             f"base at scaling {self.scaling}: changing it (lora_alpha={lora_alpha}) would break "
+                             f"that; call restore_original_base() first")
         self.lora_alpha, self.use_rslora = lora_alpha, bool(use_rslora)
         self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
 
@@ -225,12 +264,39 @@ class LoRABase(LoRALayer):
         return tuple(n for n in ("lora_A", "lora_B", "lora_magnitude") if self._parameters.get(n) is not None)
 
     def _reset_adapter(self) -> None:
-        """Initialise the LoRA parameters, then DoRA's magnitude to the adapted weight's norm (so that the layer
-        starts at what the LoRA initialisation gives, as PEFT's DoRA)."""
-        self.reset_lora_parameters()
-        if self.use_dora and has_adapter(self):
+        """Initialise the LoRA parameters as ``init_lora_weights`` says, then DoRA's magnitude to the adapted
+        weight's norm (so that the layer starts at what the LoRA initialisation gives, as PEFT's DoRA)."""
+        if not has_adapter(self):
+            return
+        init = self.init_lora_weights
+        if init == "default":
+            self.reset_lora_parameters()
+        elif init == "gaussian":
+            self.reset_lora_parameters()
+            self._gaussian_init()
+        else:
+            with torch.no_grad():
+                self._mutating_init(init)
+                self.lora_A_init, self.lora_B_init = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+        if self.use_dora:
             with torch.no_grad():
                 self.lora_magnitude.copy_(self._weight_norm(self.weight, self.lora_delta()))
+
+    def _gaussian_init(self) -> None:
+        """PEFT's "gaussian": A ~ N(0, 1/r^2) (std 1/r), B zero."""
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=1 / self.r)
+            nn.init.zeros_(self.lora_B)
+
+    def restore_original_base(self) -> None:
+        """Undo a PiSSA / OLoRA initialisation's change to the base weight (kinds without them: nothing to do)."""
+
+    def _check_mutating_init(self) -> None:
+        """``ValueError`` if PiSSA / OLoRA cannot initialise this layer (checked before the weight is touched)."""
+
+    def _mutating_init(self, init: str) -> None:
+        """Set A and B from the base weight and subtract ``scaling * B @ A`` from it (PiSSA, OLoRA)."""
+        raise NotImplementedError
 
     def reset_lora_parameters(self) -> None:
         """A as ``nn.Linear``'s default (Kaiming-uniform, a=sqrt(5)) and B zero, as loralib and the LoRA paper."""
@@ -400,6 +466,7 @@ class LoRABase(LoRALayer):
             "lora_alpha": float(self.lora_alpha),
             "use_rslora": bool(self.use_rslora),
             "use_dora": bool(self.use_dora),
+            "init_lora_weights": self.init_lora_weights,
             "lora_dropout": float(getattr(self.lora_dropout, "p", 0.0)),
             "lora_dtype": str(self.lora_A.dtype).removeprefix("torch."),
             "base_shape": list(self.weight.shape),
@@ -448,9 +515,16 @@ class LoRABase(LoRALayer):
         shapes = cls.lora_shapes(tuple(module.weight.shape), rank)
         return shapes["lora_A"], shapes["lora_B"]
 
-    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` with ``B @ A`` the update over the whole weight, as PEFT's one LoRA per module has it."""
+    def peft_factors(self, converted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` with ``B @ A`` the update over the whole weight, as PEFT's one LoRA per module has it
+        (``converted``: of the PiSSA / OLoRA adapter converted to a plain LoRA)."""
+        if converted:
+            return self.converted_factors()
         return self.lora_A.detach(), self.lora_B.detach()
+
+    def converted_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A PiSSA / OLoRA adapter as a plain LoRA over the original base (the kinds that support them)."""
+        raise ValueError(f"{type(self).__name__} has no PiSSA / OLoRA initial adapter to convert")
 
     peft_magnitude_key: ClassVar[str] = "lora_magnitude_vector"  # PEFT's name for DoRA's magnitude
 
@@ -459,11 +533,12 @@ class LoRABase(LoRALayer):
         """PEFT's shape of DoRA's magnitude over ``module``: one entry per row of the whole weight."""
         return (module.weight.shape[cls.magnitude_dim(getattr(module, "fan_in_fan_out", False))],)
 
-    def peft_tensors(self, rank: int) -> dict[str, torch.Tensor]:
+    def peft_tensors(self, rank: int, converted: bool = False) -> dict[str, torch.Tensor]:
         """``{peft key suffix: tensor}`` at ``rank`` (>= this layer's own; zero rows/columns leave B @ A as it is),
         with DoRA's magnitude under ``lora_magnitude_vector`` (rows without a magnitude, a ``MergedLinear``'s
-        disabled slices, get their weight norm: a factor of 1, as here)."""
-        A, B = self.peft_factors()
+        disabled slices, get their weight norm: a factor of 1, as here). ``converted``: a PiSSA / OLoRA adapter as
+        its plain rank-``2r`` LoRA over the original base (see ``converted_factors``)."""
+        A, B = self.peft_factors(converted)
         pad = rank - A.shape[0]
         if pad:
             A = torch.cat([A, A.new_zeros(pad, A.shape[1])])

@@ -99,6 +99,95 @@ class _LinearKind(LoRABase):
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.T if self.fan_in_fan_out else self.weight
 
+    supports_mutating_init = True
+
+    def _block_rows(self) -> list[tuple[int, int, int]]:
+        """``(row_start, rows, first row in lora_B)`` per adapted block of output rows (the i-th block's A is
+        ``lora_A[i * r:(i + 1) * r]``)."""
+        return [(0, self.out_features, 0)]
+
+    def _mutating_init(self, init: str) -> None:
+        """PEFT's PiSSA / OLoRA, per block of rows (per slice for a ``MergedLinear``), computed in fp32:
+
+        * ``"pissa"``: ``W_blk = U S V^T`` (SVD); ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)``, so that
+          ``s B A`` is the best rank-``r`` approximation of the block; ``"pissa_niter_<k>"``: the same from
+          ``torch.svd_lowrank(W_blk, r, niter=k)`` (randomised, as PEFT);
+        * ``"olora"``: ``W_blk = Q R``; ``A = R[:r]``, ``B = Q[:, :r]``;
+
+        then ``W_blk -= s B A`` (with A and B as stored, so the layer's output is unchanged up to rounding).
+        """
+        r, w_all = self.r, self._weight_out_in()
+        for i, (start, size, b_row) in enumerate(self._block_rows()):
+            w = _wide(w_all[start:start + size])  # (size, in)
+            if init == "olora":
+                q, rr = torch.linalg.qr(w)
+                a, b = rr[:r], q[:, :r]
+            else:
+                if init == "pissa":
+                    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                    u, sv, vh = u[:, :r], sv[:r], vh[:r]
+                else:
+                    u, sv, v = torch.svd_lowrank(w, r, niter=int(init.removeprefix("pissa_niter_")))
+                    vh = v.T
+                root = (sv / self.scaling).sqrt()
+                a, b = root[:, None] * vh, u * root[None, :]  # (r, in), (size, r)
+            self.lora_A[i * r:(i + 1) * r] = a
+            self.lora_B[b_row:b_row + size] = b
+        self._subtract_initial(self.lora_A.detach(), self.lora_B.detach())
+
+    def _check_mutating_init(self) -> None:
+        smallest = min([size for _, size, _ in self._block_rows()] + [self.in_features])
+        if self.r > smallest:
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} needs r <= min(rows of each adapted block, "
+                             f"in_features) = {smallest}, got r={self.r}")
+
+    def _subtract_initial(self, A0: torch.Tensor, B0: torch.Tensor, sign: float = 1.0) -> None:
+        """``W <- W - sign * s B0 A0`` per block (fp32, one cast): to and from the residual base PiSSA / OLoRA
+        train on."""
+        r, w_all = self.r, self._weight_out_in()
+        with torch.no_grad():
+            for i, (start, size, b_row) in enumerate(self._block_rows()):
+                w = _wide(w_all[start:start + size])
+                # (size, r) @ (r, in) -> (size, in)
+                w.sub_(_wide(B0[b_row:b_row + size]) @ _wide(A0[i * r:(i + 1) * r]), alpha=sign * self.scaling)
+                w_all[start:start + size] = w.to(w_all.dtype)
+        self._dora_key = None
+
+    def restore_original_base(self) -> None:
+        """Undo a PiSSA / OLoRA initialisation's subtraction (``W += s B0 A0``, to within one rounding) and forget
+        the initial adapter: the base is the original one again. Nothing to do for other initialisations."""
+        if self.lora_A_init is not None:
+            self._subtract_initial(self.lora_A_init, self.lora_B_init, sign=-1.0)
+            self.lora_A_init = self.lora_B_init = None
+            self.init_lora_weights = "default"
+
+    def adopt_initial(self, init: str, A0: torch.Tensor, B0: torch.Tensor) -> None:
+        """Make this layer the PiSSA / OLoRA layer whose initial adapter was ``(A0, B0)``: back to the original base
+        if it had an initial adapter of its own, then subtract ``s B0 A0`` and keep them for conversion. For loading
+        an unconverted adapter (onto the original base, or to resume training)."""
+        self.restore_original_base()
+        self.init_lora_weights = init
+        self._subtract_initial(A0, B0)
+        self.lora_A_init = A0.to(self.lora_A.dtype).clone()
+        self.lora_B_init = B0.to(self.lora_B.dtype).clone()
+        self._dora_key = None
+
+    def converted_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A PiSSA / OLoRA adapter as a plain LoRA of rank ``2r`` over the *original* base (PEFT's
+        ``path_initial_model_for_weight_conversion``): ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``, per block.
+        Returns ``(A': (2r * blocks, in), B': (rows, 2r))`` in this layer's layout (its scaling is unchanged when
+        ``lora_alpha`` is doubled, or multiplied by sqrt(2) with rsLoRA)."""
+        if self.lora_A_init is None:
+            raise ValueError(f"{type(self).__name__} has init_lora_weights={self.init_lora_weights!r}: there is no "
+                             f"initial adapter to convert from")
+        r, A, B = self.r, self.lora_A.detach(), self.lora_B.detach()
+        A0, B0 = self.lora_A_init, self.lora_B_init
+        a_parts, b_parts = [], []
+        for i, (_, size, b_row) in enumerate(self._block_rows()):
+            a_parts += [A[i * r:(i + 1) * r], A0[i * r:(i + 1) * r]]
+            b_parts.append(torch.cat([B[b_row:b_row + size], -B0[b_row:b_row + size]], dim=1))
+        return torch.cat(a_parts), torch.cat(b_parts)
+
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """DoRA: ``f * (x W^T + s x A^T B^T) + b`` with ``f = magnitude / ||W + s B A||`` per output (1 for rows
         without a magnitude). Under dropout, PEFT's form: ``x W^T + b + (f - 1) * d W^T + f * s d A^T B^T`` with
@@ -174,6 +263,7 @@ class Linear(_LinearKind, nn.Linear):
         *,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         bias: bool = True,
         device: torch.device | str | None = None,
@@ -181,7 +271,8 @@ class Linear(_LinearKind, nn.Linear):
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora,
+                        init_lora_weights)
 
     @classmethod
     def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
@@ -263,6 +354,7 @@ class MergedLinear(_LinearKind, nn.Linear):
         split_sizes: Sequence[int] | None = None,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         bias: bool = True,
         device: torch.device | str | None = None,
@@ -276,7 +368,8 @@ class MergedLinear(_LinearKind, nn.Linear):
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         # (row offset in the output, number of rows) of each enabled slice; plain ints, so nothing to move.
         self.lora_slices = tuple((starts[i], sizes[i]) for i, e in enumerate(self.enable_lora) if e)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora,
+                        init_lora_weights)
 
     @classmethod
     def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, *,
@@ -322,16 +415,20 @@ class MergedLinear(_LinearKind, nn.Linear):
     def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         return list(self._slice_params())
 
+    def _block_rows(self) -> list[tuple[int, int, int]]:
+        return self._blocks()
+
     def lora_delta(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``; rows of disabled slices are zero."""
         return self._delta_out_in(list(self._slice_params()))
 
-    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def peft_factors(self, converted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         # k slices of rank r -> one rank r*k LoRA on the fused matrix: A stacked (it already is), B block-structured.
-        A = self.lora_A.detach()
+        A, B_stacked = self.converted_factors() if converted else (self.lora_A.detach(), self.lora_B.detach())
+        r = A.shape[0] // len(self.lora_slices)  # 2r per slice when converted
         B = torch.zeros(self.out_features, A.shape[0], dtype=A.dtype, device=A.device)  # (out, r * k)
-        for i, (start, size, _, B_i) in enumerate(self._slice_params()):
-            B[start:start + size, i * self.r:(i + 1) * self.r] = B_i.detach()
+        for i, (start, size, b_row) in enumerate(self._blocks()):
+            B[start:start + size, i * r:(i + 1) * r] = B_stacked[b_row:b_row + size]
         return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -387,6 +484,7 @@ class Embedding(LoRABase, nn.Embedding):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
@@ -395,7 +493,8 @@ class Embedding(LoRABase, nn.Embedding):
             raise ValueError(f"use_dora=True with max_norm={kwargs['max_norm']} is not supported: DoRA's magnitude "
                              f"and max_norm both rescale the looked-up rows")
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora,
+                        init_lora_weights=init_lora_weights)
 
     @staticmethod
     def base_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -414,6 +513,9 @@ class Embedding(LoRABase, nn.Embedding):
             # PEFT passes max_norm to the lookup of lora_embedding_A (renormalising the adapter in place); this
             # library renormalises base + update together.
             raise ValueError(f"module {name!r}: PEFT's LoRA Embedding handles max_norm={module.max_norm} differently")
+
+    def _gaussian_init(self) -> None:
+        """PEFT's "gaussian" leaves its embedding LoRA at the embedding initialisation (A zero, B normal): so here."""
 
     @classmethod
     def magnitude_dim(cls, fan_in_fan_out: bool = False) -> int:
@@ -479,12 +581,14 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
         *,
         use_rslora: bool = False,
         use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         self.adapts.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora,
+                        init_lora_weights=init_lora_weights)
 
     @staticmethod
     def base_kwargs(module: nn.Module) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write, write_safetensors
-from .base import has_adapter, is_lora_layer
+from .base import has_adapter, is_lora_layer, is_mutating_init
 from .checkpoint import adapted_modules, leaf, read_safetensors, swap_in
 from .layers import KINDS, kind_for
 
@@ -46,7 +46,8 @@ def _number(x: float) -> int | float:
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                uniform_rank: bool = False, task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
+                uniform_rank: bool = False, task_type: str | None = "CAUSAL_LM",
+                convert_to_lora: bool = False) -> dict[str, Any]:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` that PEFT (0.21+) loads onto the same base.
 
     ``Linear``/``Embedding``/``Conv`` layers export one to one. A per-slice ``MergedLinear`` with ``k`` enabled
@@ -55,6 +56,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     Ranks and alphas that differ between modules go in PEFT's ``rank_pattern`` / ``alpha_pattern``; with
     ``uniform_rank=True`` every module is zero-padded to the largest rank instead, for serving tools that read only
     ``r`` and ``lora_alpha`` (vLLM, llama.cpp; see ``docs/formats.md``). rsLoRA is folded into ``lora_alpha`` (the file says ``use_rslora: false``).
+    PiSSA / OLoRA layers (``init_lora_weights``) need ``convert_to_lora=True``: they are written as a plain LoRA of
+    rank ``2r`` over the original base, as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+    writes them (PEFT reloading a PiSSA config would rerun its own decomposition on the base instead).
     Layer options PEFT computes differently (grouped or dilated convolutions, ``padding_mode``, an embedding's
     ``max_norm``) are a ``ValueError`` before anything is written. Returns the config written.
     """
@@ -66,7 +70,13 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     fifo = {bool(getattr(m, "fan_in_fan_out", False)) for m in modules.values()}
     if len(fifo) > 1:
         raise ValueError("PEFT's fan_in_fan_out is one flag for the whole adapter; these modules mix both layouts")
-    ranks = {n: m.lora_A.shape[0] for n, m in modules.items()}  # r, or r * k for a MergedLinear
+    converted = {n for n, m in modules.items() if is_mutating_init(m.init_lora_weights)}
+    if converted and not convert_to_lora:
+        raise ValueError(f"modules {sorted(converted)[:3]}... were initialised with "
+                         f"{modules[sorted(converted)[0]].init_lora_weights} over a residual base: export them with "
+                         f"convert_to_lora=True (a plain LoRA of rank 2r over the original base)")
+    # r, or r * k for a MergedLinear; doubled for a converted PiSSA / OLoRA adapter
+    ranks = {n: m.lora_A.shape[0] * (2 if n in converted else 1) for n, m in modules.items()}
     if uniform_rank:
         ranks = dict.fromkeys(ranks, max(ranks.values()))
     # PEFT's scaling is lora_alpha / rank. Without rsLoRA, alpha * rank / r keeps integer alphas integers (alpha * k
@@ -79,7 +89,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     tensors: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         m.check_peft_compatible(name, m)
-        tensors.update({f"{PEFT_PREFIX}{name}.{k}": v for k, v in m.peft_tensors(ranks[name]).items()})
+        tensors.update({f"{PEFT_PREFIX}{name}.{k}": v
+                        for k, v in m.peft_tensors(ranks[name], converted=name in converted).items()})
 
     r, alpha = Counter((ranks[n], alphas[n]) for n in modules).most_common(1)[0][0]
     rank_pattern = {k: v for k, v in _pattern_group(ranks).items() if v != r}

@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from ._io import atomic_write, remove_stale_temporaries, write_safetensors
-from .base import LoRABase, check_init, has_adapter, is_lora_layer, is_mutating_init
+from .base import LoRABase, check_init, has_adapter, is_lora_layer, is_mutating_init, lora_scaling
 from .layers import KINDS
 from .utils import BIAS_MODES, lora_state_dict
 
@@ -339,9 +339,22 @@ def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str
 
 
 def _assign(model: nn.Module, modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
-    """Copy the (checked) tensors into the model's parameters, cast to their dtype; set alpha/rsLoRA/scaling."""
-    for name in modules:  # a PiSSA / OLoRA layer already in place: back to its original base first
-        model.get_submodule(name).restore_original_base()
+    """Copy the (checked) tensors into the model's parameters, cast to their dtype; set alpha/rsLoRA/scaling; put
+    PiSSA / OLoRA layers on the residual base their adapter was trained on."""
+    # A PiSSA / OLoRA layer already in place: back to its original base first, unless it already stands on the
+    # file's residual (the same initial adapter and scaling, as when a run resumes with the same seed): then it is
+    # left alone, bit for bit.
+    kept = set()
+    for name, info in modules.items():
+        layer, key = model.get_submodule(name), f"{name}." if name else ""
+        init = info.get("init_lora_weights", "default")
+        if (is_mutating_init(init) and getattr(layer, "lora_A_init", None) is not None
+                and layer.init_lora_weights == init and torch.equal(layer.lora_A_init, tensors[key + "lora_A_init"])
+                and torch.equal(layer.lora_B_init, tensors[key + "lora_B_init"])
+                and layer.scaling == lora_scaling(layer.r, info["lora_alpha"], info.get("use_rslora", False))):
+            kept.add(name)
+        else:
+            layer.restore_original_base()
     with torch.no_grad():
         for key, t in tensors.items():
             mod, _, p = key.rpartition(".")
@@ -351,6 +364,6 @@ def _assign(model: nn.Module, modules: dict[str, dict[str, Any]], tensors: dict[
         layer = model.get_submodule(name)
         layer.set_scaling(info["lora_alpha"], info.get("use_rslora", False))
         init = info.get("init_lora_weights", "default")
-        if is_mutating_init(init):  # back to the residual base the adapter was trained on
+        if is_mutating_init(init) and name not in kept:  # back to the residual base the adapter was trained on
             key = f"{name}." if name else ""
             layer.adopt_initial(init, tensors[key + "lora_A_init"], tensors[key + "lora_B_init"])

@@ -220,6 +220,40 @@ def test_magnitude_is_a_lora_parameter(kind):
 
 
 @pytest.mark.parametrize("kind", MAKE)
+def test_rebuilt_from_its_description_computes_the_same(kind):
+    from lora.layers import KINDS
+
+    layer, x = build(kind)
+    cls = KINDS[kind]
+    info = layer.describe()
+    assert info["use_dora"] is True
+    import copy
+
+    rebuilt = cls.from_module(copy.deepcopy(layer.to_plain()), **cls.rebuild_kwargs(info))
+    assert rebuilt.use_dora and rebuilt.mismatches(info) == []
+    assert cls.adapter_shapes(
+        info["base_shape"], info["r"], use_dora=True, **{f: info[f] for f in cls.lora_fields}
+    ) == {n: tuple(getattr(layer, n).shape) for n in layer.lora_param_names()}
+    rebuilt.load_state_dict(layer.state_dict())
+    assert torch.equal(rebuilt(x), layer(x))
+
+
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear", "Conv2d"])
+def test_bf16_base_with_fp32_adapter_follows_fp32(kind):
+    layer, x = build(kind)
+    want = layer(x).detach()
+    import copy
+
+    half = copy.deepcopy(layer.to_plain()).to(torch.bfloat16)
+    twin = type(layer).from_module(half, **type(layer).rebuild_kwargs(layer.describe()))
+    with torch.no_grad():
+        for n in layer.lora_param_names():
+            getattr(twin, n).copy_(getattr(layer, n))
+    assert twin.lora_magnitude.dtype == torch.float32
+    torch.testing.assert_close(twin(x.to(torch.bfloat16)).float(), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("kind", MAKE)
 def test_delta_weight_is_what_the_forward_adds(kind):
     layer, x = build(kind, torch.float64)
     import copy

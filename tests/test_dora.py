@@ -466,3 +466,40 @@ def test_import_peft_dora_gives_peft_logits(tmp_path):
     assert all(m.use_dora for m in ours.modules() if lora.is_lora_layer(m))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, want, rtol=0, atol=1e-5)
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(11, 6)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, ids):
+        h = self.emb(ids)  # (N, T, 6)
+        h = self.conv(h.transpose(1, 2)).transpose(1, 2)
+        return self.fc(h)
+
+
+def test_peft_dora_embedding_conv_linear_both_directions(tmp_path):
+    theirs = peft.get_peft_model(
+        Mixed(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["emb", "conv", "fc"], use_dora=True)
+    )
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.requires_grad:  # every LoRA tensor random, magnitudes off the weight norms
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs.eval().save_pretrained(str(tmp_path / "theirs"))
+    ids = torch.tensor([[0, 3, 10, 4], [1, 1, 2, 9]])
+    with torch.no_grad():
+        want = theirs(ids)
+    ours = Mixed()
+    assert lora.import_peft(ours, tmp_path / "theirs") and ours.conv.lora_magnitude.shape == (6,)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), want, rtol=0, atol=1e-5)
+    lora.export_peft(ours, tmp_path / "ours", task_type=None)
+    back = peft.PeftModel.from_pretrained(Mixed(), str(tmp_path / "ours")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids), want, rtol=0, atol=1e-5)

@@ -76,6 +76,7 @@ training_config = dict(
     warmup_ratio=0.1,
     lr_scheduler_type="cosine",  # or "linear"
     weight_decay=0.0,
+    loraplus_lr_ratio=1.0,  # LoRA+: B's learning rate = this x A's (16 in the LoRA+ paper); 1 is plain LoRA
     max_grad_norm=1.0,
     max_seq_length=2048,
     eval_fraction=0.05,  # held out of --data for the eval loss, unless --eval_data is given
@@ -99,6 +100,8 @@ lora_config = dict(
     targets=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
     qkv_slices=["q", "k", "v"],  # ["q", "v"] as in the LoRA paper
     fused=False,  # one LoRA per fused matrix, as PEFT
+    use_dora=False,  # DoRA: a trainable magnitude per output row (Liu et al. 2024)
+    init_lora_weights="default",  # or gaussian, pissa, pissa_niter_<k>, olora (these two rewrite the base weights)
 )
 
 
@@ -117,6 +120,7 @@ setting_help = {
     "warmup_ratio": ("training", "fraction of the steps with a linear learning-rate warm-up"),
     "lr_scheduler_type": ("training", "learning-rate decay after the warm-up: cosine or linear"),
     "weight_decay": ("training", "AdamW weight decay"),
+    "loraplus_lr_ratio": ("training", "LoRA+: B's learning rate is this times A's (16 in the LoRA+ paper; 1: plain)"),
     "max_grad_norm": ("training", "clip the gradient's global L2 norm to this"),
     "max_seq_length": ("data", "truncate each conversation to this many tokens"),
     "eval_fraction": ("data", "fraction of --data held out for the eval loss, unless --eval_data is given"),
@@ -138,6 +142,9 @@ setting_help = {
     "targets": ("lora", f"projections to adapt, some of: {' '.join(TARGETS)}"),
     "qkv_slices": ("lora", f"slices of qkv_proj to adapt, some of: {' '.join(QKV_SLICES)}"),
     "fused": ("lora", "one LoRA per fused matrix (qkv_proj, gate_up_proj), as PEFT, not one per slice"),
+    "use_dora": ("lora", "DoRA: a trainable magnitude per output row on top of LoRA"),
+    "init_lora_weights": ("lora", "default, gaussian, pissa, pissa_niter_<k> or olora (PiSSA/OLoRA start from the "
+                                  "weights' principal/QR components and subtract them from the base)"),
 }
 HEADINGS = {"training": "training", "lora": "LoRA", "data": "model and data", "output": "output and evaluation"}
 
@@ -271,6 +278,7 @@ def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
     need(0 <= cfg["warmup_ratio"] < 1, "warmup_ratio", "must be in [0, 1)")
     need(cfg["weight_decay"] >= 0, "weight_decay", "must be >= 0")
     need(cfg["max_grad_norm"] > 0, "max_grad_norm", "must be > 0")
+    need(math.isfinite(cfg["loraplus_lr_ratio"]) and cfg["loraplus_lr_ratio"] > 0, "loraplus_lr_ratio", "must be > 0")
     need(0 <= cfg["eval_fraction"] < 1, "eval_fraction", "must be in [0, 1)")
     need(cfg["lr_scheduler_type"] in ("cosine", "linear"), "lr_scheduler_type", "must be 'cosine' or 'linear'")
     if cfg["full_finetune"]:
@@ -283,6 +291,10 @@ def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
          f"must be some of {' '.join(TARGETS)}")
     need(bool(lcfg["qkv_slices"]) and set(lcfg["qkv_slices"]) <= set(QKV_SLICES), "qkv_slices",
          f"must be some of {' '.join(QKV_SLICES)}")
+    try:
+        lora.base.check_init(lcfg["init_lora_weights"])
+    except ValueError as e:
+        need(False, "init_lora_weights", str(e).split(", got")[0].removeprefix("init_lora_weights "))
 
 
 # -------------------------------------------------------------------------------------------------------- data
@@ -565,7 +577,8 @@ def main(argv: list[str] | None = None) -> dict:
             p.requires_grad = True
     else:
         lora.phi3.inject(model, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=lcfg["lora_dropout"],
-                         targets=tuple(lcfg["targets"]), qkv_slices=tuple(lcfg["qkv_slices"]), fused=lcfg["fused"])
+                         targets=tuple(lcfg["targets"]), qkv_slices=tuple(lcfg["qkv_slices"]), fused=lcfg["fused"],
+                         use_dora=lcfg["use_dora"], init_lora_weights=lcfg["init_lora_weights"])
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -603,7 +616,12 @@ def main(argv: list[str] | None = None) -> dict:
     global_bs = cfg["per_device_train_batch_size"] * world
     steps_per_epoch = len(step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], 0))
     total_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else steps_per_epoch * cfg["num_train_epochs"]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    if cfg["loraplus_lr_ratio"] != 1 and not cfg["full_finetune"]:  # LoRA+: B (and DoRA's magnitude) learn faster
+        params = lora.loraplus_param_groups(model, lr=cfg["learning_rate"], ratio=cfg["loraplus_lr_ratio"],
+                                            weight_decay=cfg["weight_decay"])
+    else:
+        params = trainable
+    optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
 
@@ -699,7 +717,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             save_weights(model, run, cfg)
             # One rank for every module (zero-padded): serving tools such as vLLM read only r and lora_alpha.
-            lora.export_peft(model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True)
+            # PiSSA / OLoRA: as a plain LoRA of rank 2r over the original base (PEFT would redo its own decomposition)
+            lora.export_peft(model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True,
+                             convert_to_lora=True)
         results["after"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
         report("after training", results["after"], say)
         if "before" in results:

@@ -12,6 +12,7 @@ from .checkpoint import load_lora, read_lora, save_lora
 from .peft_format import export_peft, import_peft
 from .injection import inject
 from .utils import (
+    loraplus_param_groups,
     lora_parameter_names,
     lora_state_dict,
     mark_only_lora_as_trainable,
@@ -40,6 +41,7 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "merge_and_unload",
+    "loraplus_param_groups",
     "inject",
     "save_lora",
     "load_lora",

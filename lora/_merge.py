@@ -20,6 +20,7 @@ Every pass works in chunks of :data:`CHUNK` weights, so temporaries stay small n
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -102,9 +103,26 @@ def merged_is_finite(w: torch.Tensor, delta: torch.Tensor) -> bool:
     return True
 
 
-def merge_(w: torch.Tensor, delta: torch.Tensor, record: bool) -> MergeRecord | None:
+def _scale_chunk(scale: torch.Tensor | None, shape: tuple[int, ...], a: int, b: int, acc: torch.dtype):
+    """Flat elements ``[a, b)`` of ``scale`` broadcast to ``shape`` (``scale`` has ``len(shape)`` dims, at most one of
+    them not 1: a per-row or per-column factor), without materialising the broadcast; None stays None."""
+    if scale is None:
+        return None
+    dims = [d for d, n in enumerate(scale.shape) if n != 1]
+    if not dims:
+        return scale.reshape(()).to(acc)
+    dim = dims[0]
+    inner = math.prod(shape[dim + 1:])
+    index = (torch.arange(a, b, device=scale.device) // inner) % shape[dim]
+    return scale.reshape(-1).to(acc)[index]
+
+
+def merge_(w: torch.Tensor, delta: torch.Tensor, record: bool, scale: torch.Tensor | None = None) -> MergeRecord | None:
     """``w <- round(w + delta)`` in place (``w`` contiguous, ``delta`` of its shape); the undo record if asked for
-    and within budget, else None."""
+    and within budget, else None.
+
+    With ``scale`` (broadcastable to ``w``, one factor per row or column; DoRA): ``w <- round(scale * w + delta)``,
+    undone as ``(w - delta) / scale``."""
     acc = _acc_dtype(w, delta)
     wf, df = w.detach().view(-1), delta.reshape(-1)
     n = wf.numel()
@@ -115,9 +133,13 @@ def merge_(w: torch.Tensor, delta: torch.Tensor, record: bool) -> MergeRecord | 
     with torch.no_grad():
         for a, b in _chunks(n):
             orig, d = wf[a:b], df[a:b].to(acc)
-            merged = (orig.to(acc) + d).to(w.dtype)  # not add_: .to() is a no-op (the weight itself) for fp32
+            s = _scale_chunk(scale, tuple(w.shape), a, b, acc)
+            if s is None:
+                merged = (orig.to(acc) + d).to(w.dtype)  # not add_: .to() is a no-op (the weight itself) for fp32
+            else:
+                merged = torch.addcmul(d, orig.to(acc), s).to(w.dtype)
             if record:
-                approx = (merged.to(acc) - d).to(w.dtype)
+                approx = _undo(merged, d, s, w.dtype)
                 diff = _wide_bits(orig) - _wide_bits(approx)
                 fits = (diff >= -7) & (diff <= 7)
                 code = torch.where(fits, diff + 7, _ESCAPE).to(torch.uint8)
@@ -145,16 +167,24 @@ def merge_(w: torch.Tensor, delta: torch.Tensor, record: bool) -> MergeRecord | 
                        fingerprint(w))
 
 
-def unmerged(w: torch.Tensor, delta: torch.Tensor, rec: MergeRecord | None, out: torch.Tensor) -> torch.Tensor:
+def _undo(merged: torch.Tensor, d: torch.Tensor, s: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """``round(merged - d)``, or ``round((merged - d) / s)``: the same arithmetic at merge and at unmerge time."""
+    approx = merged.to(d.dtype) - d
+    return (approx if s is None else approx.div_(s)).to(dtype)
+
+
+def unmerged(w: torch.Tensor, delta: torch.Tensor, rec: MergeRecord | None, out: torch.Tensor,
+             scale: torch.Tensor | None = None) -> torch.Tensor:
     """Write the weight from before :func:`merge_` into ``out`` (may be ``w`` itself): bit for bit when ``rec``
-    still applies to ``w``, else ``round(w - delta)``. Returns ``out``."""
+    still applies to ``w``, else ``round(w - delta)`` (``round((w - delta) / scale)`` with the ``scale`` of the
+    merge). Returns ``out``."""
     if rec is not None and rec.fingerprint != fingerprint(w):
         rec = None  # the weight changed since the merge: the record's bits mean nothing now
     acc = _acc_dtype(w, delta)
     wf, df, of = w.detach().reshape(-1), delta.reshape(-1), out.view(-1)
     with torch.no_grad():
         for a, b in _chunks(wf.numel()):
-            approx = (wf[a:b].to(acc) - df[a:b].to(acc)).to(w.dtype)
+            approx = _undo(wf[a:b], df[a:b].to(acc), _scale_chunk(scale, tuple(w.shape), a, b, acc), w.dtype)
             if rec is not None:
                 packed = rec.codes[a // 2:(b + 1) // 2]
                 code = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:b - a].to(torch.int32)

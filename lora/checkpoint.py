@@ -5,7 +5,7 @@ Metadata (string -> string):
 
 * ``format``: ``"lora.adapter"``; ``format_version``: ``"1"``; ``bias``: the ``bias`` mode the file was saved with;
 * ``modules``: JSON ``{module name: entry}``, each entry what the layer's ``describe()`` gives (``kind``, ``r``,
-  ``lora_alpha``, ``use_rslora``, ``lora_dropout``, ``lora_dtype``, ``base_shape``, ``fan_in_fan_out``, and the
+  ``lora_alpha``, ``use_rslora``, ``use_dora``, ``lora_dropout``, ``lora_dtype``, ``base_shape``, ``fan_in_fan_out``, and the
   kind's own fields, e.g. ``MergedLinear``'s ``split_sizes`` / ``enable_lora`` or a convolution's ``stride``, ...);
 * ``target_counts``: JSON ``{leaf name: count}``, how many modules of the base had each adapted leaf name (so an
   adapter trained on a 32-layer model is refused by a 40-layer one).
@@ -28,7 +28,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from ._io import atomic_write, remove_stale_temporaries, write_safetensors
-from .base import LoRABase, has_adapter, is_lora_layer
+from .base import LoRABase, check_init, has_adapter, is_lora_layer, is_mutating_init, lora_scaling
 from .layers import KINDS
 from .utils import BIAS_MODES, lora_state_dict
 
@@ -55,8 +55,23 @@ def leaf(name: str) -> str:
     return name.rpartition(".")[2]
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none") -> None:
+def _convert_entry(info: dict[str, Any], m: LoRABase) -> dict[str, Any]:
+    """The metadata entry of ``m``'s PiSSA / OLoRA adapter converted to a plain rank-``2r`` LoRA (same scaling)."""
+    alpha = m.lora_alpha * math.sqrt(2) if m.use_rslora else m.lora_alpha * 2
+    return {**info, "r": 2 * m.r, "lora_alpha": float(alpha), "init_lora_weights": "default",
+            "converted_from": m.init_lora_weights}
+
+
+def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none", convert_to_lora: bool = False) -> None:
     """Write ``model``'s adapter to one safetensors file at ``path``.
+
+    Layers initialised with PiSSA / OLoRA (``init_lora_weights``) were trained over a *residual* base, ``W - s B0
+    A0``. By default their file entry keeps ``init_lora_weights`` and the file also holds ``B0`` / ``A0`` (keys
+    ``<module>.lora_A_init`` / ``.lora_B_init``), so that :func:`load_lora` onto the original base subtracts them
+    again. With ``convert_to_lora=True`` they are written instead as a plain LoRA of rank ``2r`` over the
+    *original* base, ``s (B A - B0 A0) = s [B | -B0] [A ; A0]`` (PEFT's
+    ``path_initial_model_for_weight_conversion``; alpha doubled, or times sqrt(2) with rsLoRA, so the scaling is
+    unchanged), with ``converted_from`` in their entry.
 
     Atomic (a temporary file renamed over ``path``; stale temporaries of killed writers are removed), reproducible
     (equal tensors and settings give equal bytes), written through a symlink to its target, and refused with a
@@ -66,13 +81,23 @@ def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none") -> 
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA layer with r > 0: nothing to save")
     state = lora_state_dict(model, bias=bias)
+    infos = {n: m.describe() for n, m in modules.items()}
+    for n, m in modules.items():
+        if not is_mutating_init(m.init_lora_weights):
+            continue
+        key = f"{n}." if n else ""
+        if convert_to_lora:
+            state[key + "lora_A"], state[key + "lora_B"] = m.converted_factors()
+            infos[n] = _convert_entry(infos[n], m)
+        else:
+            state[key + "lora_A_init"], state[key + "lora_B_init"] = m.lora_A_init, m.lora_B_init
     leaves = {leaf(n) for n in modules}
     counts = Counter(leaf(n) for n, _ in model.named_modules() if leaf(n) in leaves)
     metadata = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "bias": bias,
-        "modules": json.dumps({n: m.describe() for n, m in modules.items()}, sort_keys=True),
+        "modules": json.dumps(infos, sort_keys=True),
         "target_counts": json.dumps(dict(sorted(counts.items()))),
     }
     atomic_write(path, lambda tmp: write_safetensors(tmp, state, metadata))
@@ -99,7 +124,8 @@ def read_safetensors(path: Path, what: str = "adapter file") -> tuple[dict[str, 
 
 # Types of the fields every entry has; each kind adds its own (lora_fields, base_fields).
 _COMMON_FIELDS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "lora_dropout": (int, float),
+    "kind": (str,), "r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "use_dora": (bool,),
+    "init_lora_weights": (str,), "converted_from": (str,), "lora_dropout": (int, float),
     "lora_dtype": (str,), "base_shape": (list,), "fan_in_fan_out": (bool,),
 }
 
@@ -138,6 +164,12 @@ def _check_info(where: str, name: str, info: Any) -> None:
         dtype = getattr(torch, info["lora_dtype"], None)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"{at}.lora_dtype={info['lora_dtype']!r} is not a floating torch dtype")
+    for field in ("init_lora_weights", "converted_from"):
+        if field in info:
+            try:
+                check_init(info[field])
+            except ValueError as e:
+                raise ValueError(f"{at}.{e}") from None
     problem = kind.check_fields(info)
     if problem:
         raise ValueError(f"{at}: {problem}")
@@ -204,6 +236,7 @@ def _check_module(name: str, info: dict[str, Any], module: nn.Module, problems: 
             return
         if module.merged:
             problems.append(f"{name}: is merged; unmerge_lora(model) before loading an adapter into it")
+
         problems.extend(f"{name}: {p}" for p in module.mismatches(info))
         return
     if not name:
@@ -271,8 +304,10 @@ def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str
     expected: dict[str, tuple[tuple[int, ...], str | None]] = {}  # key -> (shape, dtype name from the metadata)
     for name, info in modules.items():
         kind = KINDS[info["kind"]]
-        shapes = kind.lora_shapes(info["base_shape"], info["r"], fan_in_fan_out=info.get("fan_in_fan_out", False),
-                                  **{f: info[f] for f in kind.lora_fields})
+        shapes = kind.adapter_shapes(info["base_shape"], info["r"], fan_in_fan_out=info.get("fan_in_fan_out", False),
+                                     use_dora=info.get("use_dora", False), **{f: info[f] for f in kind.lora_fields})
+        if is_mutating_init(info.get("init_lora_weights", "default")):  # the initial adapter, to subtract again
+            shapes.update({"lora_A_init": shapes["lora_A"], "lora_B_init": shapes["lora_B"]})
         for p, shape in shapes.items():
             expected[f"{name}.{p}" if name else p] = (shape, info.get("lora_dtype"))
     for key, (shape, dtype) in expected.items():
@@ -304,10 +339,31 @@ def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str
 
 
 def _assign(model: nn.Module, modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
-    """Copy the (checked) tensors into the model's parameters, cast to their dtype; set alpha/rsLoRA/scaling."""
+    """Copy the (checked) tensors into the model's parameters, cast to their dtype; set alpha/rsLoRA/scaling; put
+    PiSSA / OLoRA layers on the residual base their adapter was trained on."""
+    # A PiSSA / OLoRA layer already in place: back to its original base first, unless it already stands on the
+    # file's residual (the same initial adapter and scaling, as when a run resumes with the same seed): then it is
+    # left alone, bit for bit.
+    kept = set()
+    for name, info in modules.items():
+        layer, key = model.get_submodule(name), f"{name}." if name else ""
+        init = info.get("init_lora_weights", "default")
+        if (is_mutating_init(init) and getattr(layer, "lora_A_init", None) is not None
+                and layer.init_lora_weights == init and torch.equal(layer.lora_A_init, tensors[key + "lora_A_init"])
+                and torch.equal(layer.lora_B_init, tensors[key + "lora_B_init"])
+                and layer.scaling == lora_scaling(layer.r, info["lora_alpha"], info.get("use_rslora", False))):
+            kept.add(name)
+        else:
+            layer.restore_original_base()
     with torch.no_grad():
         for key, t in tensors.items():
             mod, _, p = key.rpartition(".")
-            model.get_submodule(mod)._parameters[p].copy_(t)
+            if p not in ("lora_A_init", "lora_B_init"):
+                model.get_submodule(mod)._parameters[p].copy_(t)
     for name, info in modules.items():
-        model.get_submodule(name).set_scaling(info["lora_alpha"], info.get("use_rslora", False))
+        layer = model.get_submodule(name)
+        layer.set_scaling(info["lora_alpha"], info.get("use_rslora", False))
+        init = info.get("init_lora_weights", "default")
+        if is_mutating_init(init) and name not in kept:  # back to the residual base the adapter was trained on
+            key = f"{name}." if name else ""
+            layer.adopt_initial(init, tensors[key + "lora_A_init"], tensors[key + "lora_B_init"])

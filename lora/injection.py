@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch.nn as nn
 
+from .base import check_init, is_mutating_init
 from .layers import KINDS, is_lora_layer, kind_for
 from .utils import mark_only_lora_as_trainable
 
@@ -19,7 +20,8 @@ __all__ = ["inject", "matches", "OVERRIDABLE"]
 
 # Keyword arguments a target may override: the shared ones, and the kinds' own fields, which also choose the kind
 # (split_sizes -> MergedLinear).
-OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "lora_dtype"}).union(
+OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
+                          "lora_dtype"}).union(
     *(kind.lora_fields for kind in KINDS.values()))
 
 
@@ -50,13 +52,18 @@ def inject(
     lora_dropout: float = 0.0,
     *,
     use_rslora: bool = False,
+    use_dora: bool = False,
+    init_lora_weights: str = "default",
     lora_dtype: Any = None,
     mark_trainable: bool = True,
 ) -> list[str]:
     """Replace the modules named by ``targets`` with LoRA layers, in place; return the replaced names, in order.
 
     ``targets``: module names or dotted-path suffixes, or a mapping from each to per-target overrides of ``r``,
-    ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``lora_dtype`` (and ``split_sizes`` / ``enable_lora``, which
+    ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``use_dora`` (DoRA: a trainable magnitude per output row,
+    see :meth:`lora.LoRABase.delta_weight`), ``init_lora_weights`` (``"default"``, ``"gaussian"``, ``"pissa"``,
+    ``"pissa_niter_<k>"``, ``"olora"``: the last three, linear layers only, subtract the initial adapter from the
+    base weight, in place), ``lora_dtype`` (and ``split_sizes`` / ``enable_lora``, which
     make that target a :class:`lora.MergedLinear`). Every target must match at least one module, every matched
     module must be a plain ``nn.Linear`` / ``nn.Embedding`` / ``nn.ConvNd`` without LoRA, and no module may match
     two targets; otherwise a ``ValueError`` / ``TypeError`` is raised before the model is touched.
@@ -74,7 +81,8 @@ def inject(
         if unknown:
             raise ValueError(f"target {target!r} overrides unknown arguments {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
 
-    defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, lora_dtype=lora_dtype)
+    defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
+                    init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
     plan: list[tuple[str, type, dict[str, Any]]] = []
     hits = {t: 0 for t in per_target}
     for name, module in model.named_modules():
@@ -86,12 +94,21 @@ def inject(
         target = matched[0]
         hits[target] += 1
         kwargs = {**defaults, **per_target[target]}
-        plan.append((name, _lora_class(name, module, kwargs), kwargs))
+        cls = _lora_class(name, module, kwargs)
+        if is_mutating_init(check_init(kwargs["init_lora_weights"])) and not cls.supports_mutating_init:
+            raise ValueError(f"module {name!r}: init_lora_weights={kwargs['init_lora_weights']!r} is not available "
+                             f"for {cls.__name__} (PEFT defines PiSSA and OLoRA for linear layers only)")
+        plan.append((name, cls, kwargs))
     missing = [t for t, n in hits.items() if n == 0]
     if missing:
         raise ValueError(f"targets {missing} matched no module of {type(model).__name__}")
 
-    # Build every new layer first (this validates every argument), then swap them in: all or nothing.
+    # Check every argument on weightless (meta) layers first: PiSSA / OLoRA write the base weights while building,
+    # so a bad argument found at the last module must not leave the first ones changed.
+    for name, cls, kwargs in plan:
+        module = model.get_submodule(name)
+        cls(**cls.base_kwargs(module), device="meta", dtype=module.weight.dtype, **kwargs)
+    # Then build every new layer, then swap them in: all or nothing.
     built = [(name, cls.from_module(model.get_submodule(name), **kwargs)) for name, cls, kwargs in plan]
     for name, layer in built:
         model.set_submodule(name, layer)

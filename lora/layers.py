@@ -99,6 +99,122 @@ class _LinearKind(LoRABase):
     def _weight_out_in(self) -> torch.Tensor:
         return self.weight.T if self.fan_in_fan_out else self.weight
 
+    supports_mutating_init = True
+
+    def _block_rows(self) -> list[tuple[int, int, int]]:
+        """``(row_start, rows, first row in lora_B)`` per adapted block of output rows (the i-th block's A is
+        ``lora_A[i * r:(i + 1) * r]``)."""
+        return [(0, self.out_features, 0)]
+
+    def _mutating_init(self, init: str) -> None:
+        """PEFT's PiSSA / OLoRA, per block of rows (per slice for a ``MergedLinear``), computed in fp32:
+
+        * ``"pissa"``: ``W_blk = U S V^T`` (SVD); ``A = sqrt(S_r / s) V_r^T``, ``B = U_r sqrt(S_r / s)``, so that
+          ``s B A`` is the best rank-``r`` approximation of the block; ``"pissa_niter_<k>"``: the same from
+          ``torch.svd_lowrank(W_blk, r, niter=k)`` (randomised, as PEFT);
+        * ``"olora"``: ``W_blk = Q R``; ``A = R[:r]``, ``B = Q[:, :r]``;
+
+        then ``W_blk -= s B A`` (with A and B as stored, so the layer's output is unchanged up to rounding).
+        """
+        r, w_all = self.r, self._weight_out_in()
+        for i, (start, size, b_row) in enumerate(self._block_rows()):
+            w = _wide(w_all[start:start + size])  # (size, in)
+            if init == "olora":
+                q, rr = torch.linalg.qr(w)
+                a, b = rr[:r], q[:, :r]
+            else:
+                if init == "pissa":
+                    u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                    u, sv, vh = u[:, :r], sv[:r], vh[:r]
+                else:
+                    u, sv, v = torch.svd_lowrank(w, r, niter=int(init.removeprefix("pissa_niter_")))
+                    vh = v.T
+                root = (sv / self.scaling).sqrt()
+                a, b = root[:, None] * vh, u * root[None, :]  # (r, in), (size, r)
+            self.lora_A[i * r:(i + 1) * r] = a
+            self.lora_B[b_row:b_row + size] = b
+        self._subtract_initial(self.lora_A.detach(), self.lora_B.detach())
+
+    def _check_mutating_init(self) -> None:
+        smallest = min([size for _, size, _ in self._block_rows()] + [self.in_features])
+        if self.r > smallest:
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} needs r <= min(rows of each adapted block, "
+                             f"in_features) = {smallest}, got r={self.r}")
+
+    def _subtract_initial(self, A0: torch.Tensor, B0: torch.Tensor, sign: float = 1.0) -> None:
+        """``W <- W - sign * s B0 A0`` per block (fp32, one cast): to and from the residual base PiSSA / OLoRA
+        train on."""
+        r, w_all = self.r, self._weight_out_in()
+        with torch.no_grad():
+            for i, (start, size, b_row) in enumerate(self._block_rows()):
+                w = _wide(w_all[start:start + size])
+                # (size, r) @ (r, in) -> (size, in)
+                w.sub_(_wide(B0[b_row:b_row + size]) @ _wide(A0[i * r:(i + 1) * r]), alpha=sign * self.scaling)
+                w_all[start:start + size] = w.to(w_all.dtype)
+        self._dora_key = None
+
+    def restore_original_base(self) -> None:
+        """Undo a PiSSA / OLoRA initialisation's subtraction (``W += s B0 A0``, to within one rounding) and forget
+        the initial adapter: the base is the original one again. Nothing to do for other initialisations."""
+        if self.lora_A_init is not None:
+            self._subtract_initial(self.lora_A_init, self.lora_B_init, sign=-1.0)
+            self.lora_A_init = self.lora_B_init = None
+            self.init_lora_weights = "default"
+
+    def adopt_initial(self, init: str, A0: torch.Tensor, B0: torch.Tensor) -> None:
+        """Make this layer the PiSSA / OLoRA layer whose initial adapter was ``(A0, B0)``: back to the original base
+        if it had an initial adapter of its own, then subtract ``s B0 A0`` and keep them for conversion. For loading
+        an unconverted adapter (onto the original base, or to resume training)."""
+        self.restore_original_base()
+        self.init_lora_weights = init
+        self._subtract_initial(A0, B0)
+        self.lora_A_init = A0.to(self.lora_A.dtype).clone()
+        self.lora_B_init = B0.to(self.lora_B.dtype).clone()
+        self._dora_key = None
+
+    def converted_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A PiSSA / OLoRA adapter as a plain LoRA of rank ``2r`` over the *original* base (PEFT's
+        ``path_initial_model_for_weight_conversion``): ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``, per block.
+        Returns ``(A': (2r * blocks, in), B': (rows, 2r))`` in this layer's layout (its scaling is unchanged when
+        ``lora_alpha`` is doubled, or multiplied by sqrt(2) with rsLoRA)."""
+        if self.lora_A_init is None:
+            raise ValueError(f"{type(self).__name__} has init_lora_weights={self.init_lora_weights!r}: there is no "
+                             f"initial adapter to convert from")
+        r, A, B = self.r, self.lora_A.detach(), self.lora_B.detach()
+        A0, B0 = self.lora_A_init, self.lora_B_init
+        a_parts, b_parts = [], []
+        for i, (_, size, b_row) in enumerate(self._block_rows()):
+            a_parts += [A[i * r:(i + 1) * r], A0[i * r:(i + 1) * r]]
+            b_parts.append(torch.cat([B[b_row:b_row + size], -B0[b_row:b_row + size]], dim=1))
+        return torch.cat(a_parts), torch.cat(b_parts)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA: ``f * (x W^T + s x A^T B^T) + b`` with ``f = magnitude / ||W + s B A||`` per output (1 for rows
+        without a magnitude). Under dropout, PEFT's form: ``x W^T + b + (f - 1) * d W^T + f * s d A^T B^T`` with
+        ``d = dropout(x)``."""
+        f = self._spread(self.dora_scale())  # (out,), differentiable in the magnitude
+        weight = self._weight_out_in()
+        if _dropout_p(self) == 0:
+            z = self._lora_forward(x, None, dropout=False)  # (..., out): x W^T + s x A^T B^T, one fused node
+            f = f.to(z.dtype)
+            return z * f if self.bias is None else torch.addcmul(self.bias.to(z.dtype), z, f)
+        d = self.lora_dropout(_lora_input(x, self.lora_A))
+        dw = F.linear(d.to(weight.dtype), weight)  # (..., out): the second GEMM PEFT's form needs
+        h = F.linear(d, self.lora_A) * self.scaling  # (..., r * n_blocks)
+        blocks = self._lora_blocks()
+        low_rank = dw.new_zeros(dw.shape) if len(blocks) > 1 or blocks[0][1] != self.out_features else None
+        for i, (start, size, _, B_i) in enumerate(blocks):
+            part = F.linear(h[..., i * self.r:(i + 1) * self.r], B_i).to(dw.dtype)  # (..., r) @ (r, size)
+            if low_rank is None:
+                low_rank = part
+            else:
+                low_rank[..., start:start + size] = part
+        return F.linear(x, weight, self.bias) + (f - 1).to(dw.dtype) * dw + f.to(dw.dtype) * low_rank
+
+    def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """``(row_start, rows, A_i, B_i)`` per adapted block of output rows."""
+        return [(0, self.out_features, self.lora_A, self.lora_B)]
+
     def _delta_out_in(self, blocks: Sequence[tuple[int, int, torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """``scaling * B_i @ A_i`` in rows ``[start, start + size)`` of each block, in fp32 (fp64 for an fp64
         adapter), laid out like ``weight`` and contiguous."""
@@ -146,6 +262,8 @@ class Linear(_LinearKind, nn.Linear):
         merge_weights: bool = True,
         *,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         bias: bool = True,
         device: torch.device | str | None = None,
@@ -153,7 +271,8 @@ class Linear(_LinearKind, nn.Linear):
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora,
+                        init_lora_weights)
 
     @classmethod
     def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
@@ -161,22 +280,29 @@ class Linear(_LinearKind, nn.Linear):
         out_f, in_f = _linear_shapes(base_shape, fan_in_fan_out)
         return {"lora_A": (r, in_f), "lora_B": (out_f, r)}
 
-    def delta_weight(self) -> torch.Tensor:
+    def lora_delta(self) -> torch.Tensor:
         """``scaling * B @ A`` in fp32 (fp64 for an fp64 adapter), shaped like ``weight`` (``(in, out)`` if
         ``fan_in_fan_out``)."""
         return self._delta_out_in([(0, self.out_features, self.lora_A, self.lora_B)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight_out_in()
         if self.merged or not has_adapter(self):
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, self._weight_out_in(), self.bias)
+        if self.use_dora:
+            return self._dora_forward(x)
+        return self._lora_forward(x, self.bias, dropout=True)
+
+    def _lora_forward(self, x: torch.Tensor, bias: torch.Tensor | None, dropout: bool) -> torch.Tensor:
+        """``x W^T + bias + s dropout(x) A^T B^T`` (no dropout unless ``dropout``)."""
+        weight = self._weight_out_in()
         A, B = self.lora_A, self.lora_B
         dtype = _fused_dtype(x, self.weight, A)
         if dtype is not None:
-            return fused_lora_linear(x, weight.T, self.bias, A, B, self.scaling, _dropout_p(self),
+            return fused_lora_linear(x, weight.T, bias, A, B, self.scaling, _dropout_p(self) if dropout else 0.0,
                                      ((0, self.out_features, 0, 0),), self.r, compute_dtype=dtype)
-        result = F.linear(x, weight, self.bias)
-        h = F.linear(self.lora_dropout(_lora_input(x, A)), A)  # (..., in) -> (..., r)
+        result = F.linear(x, weight, bias)
+        x = _lora_input(x, A)
+        h = F.linear(self.lora_dropout(x) if dropout else x, A)  # (..., in) -> (..., r)
         return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
 
 
@@ -227,6 +353,8 @@ class MergedLinear(_LinearKind, nn.Linear):
         *,
         split_sizes: Sequence[int] | None = None,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         bias: bool = True,
         device: torch.device | str | None = None,
@@ -240,7 +368,8 @@ class MergedLinear(_LinearKind, nn.Linear):
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         # (row offset in the output, number of rows) of each enabled slice; plain ints, so nothing to move.
         self.lora_slices = tuple((starts[i], sizes[i]) for i, e in enumerate(self.enable_lora) if e)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora,
+                        init_lora_weights)
 
     @classmethod
     def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, *,
@@ -263,6 +392,16 @@ class MergedLinear(_LinearKind, nn.Linear):
                    f"base_shape={info['base_shape']!r}"
         return None
 
+    @classmethod
+    def magnitude_shape(cls, base_shape: Sequence[int], fan_in_fan_out: bool = False, *,
+                        split_sizes: Sequence[int] = (), enable_lora: Sequence[bool] = (),
+                        **lora_fields: Any) -> tuple[int, ...]:
+        """DoRA per slice: one magnitude per row of the enabled slices (as PEFT's DoRA on the unfused modules)."""
+        return (sum(s for s, e in zip(split_sizes, enable_lora) if e),)
+
+    def _magnitude_rows(self) -> torch.Tensor:
+        return torch.cat([torch.arange(start, start + size) for start, size in self.lora_slices])
+
     def _blocks(self) -> list[tuple[int, int, int]]:
         """``(row_start, rows, first row in lora_B)`` per enabled slice."""
         starts_in_b = [sum(size for _, size in self.lora_slices[:i]) for i in range(len(self.lora_slices))]
@@ -273,29 +412,43 @@ class MergedLinear(_LinearKind, nn.Linear):
         for i, (start, size, b_row) in enumerate(self._blocks()):
             yield start, size, self.lora_A[i * self.r:(i + 1) * self.r], self.lora_B[b_row:b_row + size]
 
-    def delta_weight(self) -> torch.Tensor:
+    def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        return list(self._slice_params())
+
+    def _block_rows(self) -> list[tuple[int, int, int]]:
+        return self._blocks()
+
+    def lora_delta(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``; rows of disabled slices are zero."""
         return self._delta_out_in(list(self._slice_params()))
 
-    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def peft_factors(self, converted: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         # k slices of rank r -> one rank r*k LoRA on the fused matrix: A stacked (it already is), B block-structured.
-        A = self.lora_A.detach()
+        A, B_stacked = self.converted_factors() if converted else (self.lora_A.detach(), self.lora_B.detach())
+        r = A.shape[0] // len(self.lora_slices)  # 2r per slice when converted
         B = torch.zeros(self.out_features, A.shape[0], dtype=A.dtype, device=A.device)  # (out, r * k)
-        for i, (start, size, _, B_i) in enumerate(self._slice_params()):
-            B[start:start + size, i * self.r:(i + 1) * self.r] = B_i.detach()
+        for i, (start, size, b_row) in enumerate(self._blocks()):
+            B[start:start + size, i * r:(i + 1) * r] = B_stacked[b_row:b_row + size]
         return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._weight_out_in()
         if self.merged or not has_adapter(self):
-            return F.linear(x, weight, self.bias)
+            return F.linear(x, self._weight_out_in(), self.bias)
+        if self.use_dora:
+            return self._dora_forward(x)
+        return self._lora_forward(x, self.bias, dropout=True)
+
+    def _lora_forward(self, x: torch.Tensor, bias: torch.Tensor | None, dropout: bool) -> torch.Tensor:
+        """``x W^T + bias`` plus each enabled slice's ``s dropout(x) A_i^T B_i^T`` (no dropout unless ``dropout``)."""
+        weight = self._weight_out_in()
         dtype = _fused_dtype(x, self.weight, self.lora_A)
         if dtype is not None:
             blocks = [(start, size, b_row, i * self.r) for i, (start, size, b_row) in enumerate(self._blocks())]
-            return fused_lora_linear(x, weight.T, self.bias, self.lora_A, self.lora_B, self.scaling,
-                                     _dropout_p(self), blocks, self.r, compute_dtype=dtype)
-        result = F.linear(x, weight, self.bias)
-        h = F.linear(self.lora_dropout(_lora_input(x, self.lora_A)), self.lora_A) * self.scaling  # (..., r * n)
+            return fused_lora_linear(x, weight.T, bias, self.lora_A, self.lora_B, self.scaling,
+                                     _dropout_p(self) if dropout else 0.0, blocks, self.r, compute_dtype=dtype)
+        result = F.linear(x, weight, bias)
+        x = _lora_input(x, self.lora_A)
+        h = F.linear(self.lora_dropout(x) if dropout else x, self.lora_A) * self.scaling  # (..., r * n)
         for i, (start, size, _, B_i) in enumerate(self._slice_params()):
             # (..., r) @ (r, size) -> (..., size), added in place into this slice's columns of the output
             result[..., start:start + size] += F.linear(h[..., i * self.r:(i + 1) * self.r], B_i).to(result.dtype)
@@ -330,12 +483,18 @@ class Embedding(LoRABase, nn.Embedding):
         *,
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
+        if use_dora and kwargs.get("max_norm") is not None:
+            raise ValueError(f"use_dora=True with max_norm={kwargs['max_norm']} is not supported: DoRA's magnitude "
+                             f"and max_norm both rescale the looked-up rows")
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora,
+                        init_lora_weights=init_lora_weights)
 
     @staticmethod
     def base_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -355,13 +514,21 @@ class Embedding(LoRABase, nn.Embedding):
             # library renormalises base + update together.
             raise ValueError(f"module {name!r}: PEFT's LoRA Embedding handles max_norm={module.max_norm} differently")
 
+    def _gaussian_init(self) -> None:
+        """PEFT's "gaussian" leaves its embedding LoRA at the embedding initialisation (A zero, B normal): so here."""
+
+    @classmethod
+    def magnitude_dim(cls, fan_in_fan_out: bool = False) -> int:
+        # PEFT's DoRA embedding: one magnitude per embedding dimension, the norm taken over the vocabulary
+        return 1
+
     def reset_lora_parameters(self) -> None:
         """A zero, B standard normal (loralib's Embedding init: the update still starts at exactly zero)."""
         if has_adapter(self):
             nn.init.zeros_(self.lora_A)
             nn.init.normal_(self.lora_B)
 
-    def delta_weight(self) -> torch.Tensor:
+    def lora_delta(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``scaling * (B @ A)^T``."""
         delta = _wide(self.lora_A).T @ _wide(self.lora_B).T  # (num, r) @ (r, dim) -> (num, dim)
         return delta.mul_(self.scaling)
@@ -375,6 +542,8 @@ class Embedding(LoRABase, nn.Embedding):
         if has_adapter(self) and not self.merged:
             h = self.lora_dropout(self._lookup(x, self.lora_A.T))  # (..., r)
             result = result + F.linear(h * self.scaling, self.lora_B).to(result.dtype)  # (..., r) -> (..., dim)
+            if self.use_dora:  # DoRA: each embedding dimension rescaled by magnitude / ||its column of W + dW||
+                result = result * self.dora_scale().to(result.dtype)
         if self.max_norm is not None:
             # torch's embedding_renorm_: rows whose norm exceeds max_norm are scaled by max_norm / (norm + 1e-7).
             with torch.no_grad():
@@ -411,12 +580,15 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
         merge_weights: bool = True,
         *,
         use_rslora: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: str = "default",
         lora_dtype: torch.dtype | None = None,
         **kwargs: Any,
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         self.adapts.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype)
+        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora,
+                        init_lora_weights=init_lora_weights)
 
     @staticmethod
     def base_kwargs(module: nn.Module) -> dict[str, Any]:
@@ -450,17 +622,22 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
                              f"padding_mode={module.padding_mode!r}; its output would differ")
 
     @classmethod
+    def peft_magnitude_shape(cls, module: nn.Module) -> tuple[int, ...]:
+        return (1, module.out_channels, *(1,) * len(module.kernel_size))  # PEFT keeps its norm's keepdim shape
+
+    @classmethod
     def peft_shapes(cls, module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         ones = (1,) * len(module.kernel_size)  # groups == 1 (checked): lora_A is Conv(in, r, kernel), lora_B 1x1
         return (rank, module.in_channels, *module.kernel_size), (module.out_channels, rank, *ones)
 
-    def delta_weight(self) -> torch.Tensor:
+    def lora_delta(self) -> torch.Tensor:
         """The update in fp32 (fp64 for an fp64 adapter), shaped like ``weight``: ``(out, in // groups, *kernel)``."""
         return (_wide(self.lora_B) @ _wide(self.lora_A)).mul_(self.scaling).view(self.weight.shape)
 
-    def _lora_branch(self, x: torch.Tensor) -> torch.Tensor:
+    def _lora_branch(self, x: torch.Tensor, dropout: bool = True) -> torch.Tensor:
         g, r = self.groups, self.r
-        x = self.lora_dropout(_lora_input(x, self.lora_A))
+        x = _lora_input(x, self.lora_A)
+        x = self.lora_dropout(x) if dropout else x
         if self.padding_mode != "zeros":
             x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
         else:
@@ -475,18 +652,36 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or not has_adapter(self):
             return self._conv_forward(x, self.weight, self.bias)
+        if self.use_dora:
+            return self._dora_forward(x)
+        return self._lora_forward(x, self.bias, dropout=True)
+
+    def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA (as :meth:`Linear._dora_forward`), with one magnitude per output channel."""
+        ones = (1,) * len(self.kernel_size)
+        f = self.dora_scale().view(-1, *ones)  # (out, 1, ...), differentiable in the magnitude
+        if _dropout_p(self) == 0:
+            z = self._lora_forward(x, None, dropout=False)  # (N, out, ...): conv(x, W) + LoRA branch
+            f = f.to(z.dtype)
+            return z * f if self.bias is None else torch.addcmul(self.bias.to(z.dtype).view(-1, *ones), z, f)
+        d = self.lora_dropout(x)
+        zd = self._lora_forward(d, None, dropout=False)
+        return self._conv_forward(x, self.weight, self.bias) + zd * f.to(zd.dtype) - self._conv_forward(d, self.weight, None)
+
+    def _lora_forward(self, x: torch.Tensor, bias: torch.Tensor | None, dropout: bool) -> torch.Tensor:
+        """``conv(x, W) + bias`` plus the LoRA branch of ``dropout(x)`` (no dropout unless ``dropout``)."""
         # The fused conv uses the merged filters; in 16-bit types their rounding would make an adapter at init
         # differ from its base, so it runs in fp32/fp64 only (and without autocast, which picks its own dtypes).
-        if (self.groups == 1 and not isinstance(self.padding, str) and _dropout_p(self) == 0
+        if (self.groups == 1 and not isinstance(self.padding, str) and (_dropout_p(self) == 0 or not dropout)
                 and x.dtype in (torch.float32, torch.float64) and _fused_dtype(x, self.weight, self.lora_A) == x.dtype):
             padding = self.padding
             if self.padding_mode != "zeros":
                 x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * len(padding)
             A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 adapters run in the base's dtype
-            return fused_lora_conv(x, self.weight, self.bias, A.view(self.r, -1, *self.kernel_size), B,
+            return fused_lora_conv(x, self.weight, bias, A.view(self.r, -1, *self.kernel_size), B,
                                    self.scaling, self.stride, padding, self.dilation)
-        result = self._conv_forward(x, self.weight, self.bias)
-        return result + self._lora_branch(x).to(result.dtype)
+        result = self._conv_forward(x, self.weight, bias)
+        return result + self._lora_branch(x, dropout).to(result.dtype)
 
 
 class Conv1d(_ConvLoRA, nn.Conv1d):

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write, write_safetensors
-from .base import has_adapter, is_lora_layer
+from .base import has_adapter, is_lora_layer, is_mutating_init
 from .checkpoint import adapted_modules, leaf, read_safetensors, swap_in
 from .layers import KINDS, kind_for
 
@@ -46,7 +46,8 @@ def _number(x: float) -> int | float:
 
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
-                uniform_rank: bool = False, task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
+                uniform_rank: bool = False, task_type: str | None = "CAUSAL_LM",
+                convert_to_lora: bool = False) -> dict[str, Any]:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` that PEFT (0.21+) loads onto the same base.
 
     ``Linear``/``Embedding``/``Conv`` layers export one to one. A per-slice ``MergedLinear`` with ``k`` enabled
@@ -55,6 +56,9 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     Ranks and alphas that differ between modules go in PEFT's ``rank_pattern`` / ``alpha_pattern``; with
     ``uniform_rank=True`` every module is zero-padded to the largest rank instead, for serving tools that read only
     ``r`` and ``lora_alpha`` (vLLM, llama.cpp; see ``docs/formats.md``). rsLoRA is folded into ``lora_alpha`` (the file says ``use_rslora: false``).
+    PiSSA / OLoRA layers (``init_lora_weights``) need ``convert_to_lora=True``: they are written as a plain LoRA of
+    rank ``2r`` over the original base, as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
+    writes them (PEFT reloading a PiSSA config would rerun its own decomposition on the base instead).
     Layer options PEFT computes differently (grouped or dilated convolutions, ``padding_mode``, an embedding's
     ``max_norm``) are a ``ValueError`` before anything is written. Returns the config written.
     """
@@ -66,17 +70,27 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     fifo = {bool(getattr(m, "fan_in_fan_out", False)) for m in modules.values()}
     if len(fifo) > 1:
         raise ValueError("PEFT's fan_in_fan_out is one flag for the whole adapter; these modules mix both layouts")
-    ranks = {n: m.lora_A.shape[0] for n, m in modules.items()}  # r, or r * k for a MergedLinear
+    converted = {n for n, m in modules.items() if is_mutating_init(m.init_lora_weights)}
+    if converted and not convert_to_lora:
+        raise ValueError(f"modules {sorted(converted)[:3]}... were initialised with "
+                         f"{modules[sorted(converted)[0]].init_lora_weights} over a residual base: export them with "
+                         f"convert_to_lora=True (a plain LoRA of rank 2r over the original base)")
+    # r, or r * k for a MergedLinear; doubled for a converted PiSSA / OLoRA adapter
+    ranks = {n: m.lora_A.shape[0] * (2 if n in converted else 1) for n, m in modules.items()}
     if uniform_rank:
         ranks = dict.fromkeys(ranks, max(ranks.values()))
     # PEFT's scaling is lora_alpha / rank. Without rsLoRA, alpha * rank / r keeps integer alphas integers (alpha * k
     # for a MergedLinear) where scaling * rank would carry the rounding of alpha / r.
     alphas = {n: _number(m.scaling * ranks[n] if m.use_rslora else m.lora_alpha * ranks[n] / m.r)
               for n, m in modules.items()}
+    dora = {bool(m.use_dora) for m in modules.values()}
+    if len(dora) > 1:
+        raise ValueError("PEFT's use_dora is one flag for the whole adapter; these modules mix DoRA and plain LoRA")
     tensors: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         m.check_peft_compatible(name, m)
-        tensors.update({f"{PEFT_PREFIX}{name}.{k}": v for k, v in m.peft_tensors(ranks[name]).items()})
+        tensors.update({f"{PEFT_PREFIX}{name}.{k}": v
+                        for k, v in m.peft_tensors(ranks[name], converted=name in converted).items()})
 
     r, alpha = Counter((ranks[n], alphas[n]) for n in modules).most_common(1)[0][0]
     rank_pattern = {k: v for k, v in _pattern_group(ranks).items() if v != r}
@@ -95,7 +109,7 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
         "bias": "none",
         "fan_in_fan_out": fifo.pop(),
         "use_rslora": False,  # alphas above already fold in rsLoRA's 1/sqrt(r)
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "modules_to_save": None,
@@ -122,7 +136,7 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
 # LoRA variants (the LoraConfig fields it marks is_lora_variant: DoRA, VeLoRA, aLoRA, MonteCLoRA, BD-LoRA, Arrow,
 # KaSA), QA-LoRA, trainable biases and extra trained modules or tokens.
 _UNSUPPORTED_PEFT: dict[str, tuple[Any, ...]] = {
-    "use_dora": (False, None), "velora_config": (None,), "alora_invocation_tokens": (None,),
+    "velora_config": (None,), "alora_invocation_tokens": (None,),
     "monteclora_config": (None,), "use_bdlora": (None, False), "arrow_config": (None,), "kasa_config": (None,),
     "use_qalora": (False, None), "modules_to_save": (None, [], ()), "bias": ("none",), "lora_bias": (False, None),
     "target_parameters": (None, [], ()), "layer_replication": (None,), "trainable_token_indices": (None, [], {}),
@@ -143,8 +157,10 @@ _KNOWN_PEFT_KEYS = frozenset({
 })
 # PEFT's defaults for the two numbers a config may leave out.
 _PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
-_PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)")
-_PEFT_HALF = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B"}
+_PEFT_KEY = re.compile(rf"{re.escape(PEFT_PREFIX)}(.+)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B"
+                       rf"|lora_magnitude_vector)")
+_PEFT_HALF = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "lora_embedding_B": "B",
+              "lora_magnitude_vector": "M"}
 
 
 def _check_peft_config(cfg_path: Path, cfg: Any) -> None:
@@ -188,7 +204,8 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool =
     Each module with tensors in the file becomes a :class:`lora.Linear` / ``Embedding`` / ``Conv`` with PEFT's rank
     and scaling (from ``r``/``lora_alpha``/``use_rslora`` and the patterns, looked up as PEFT does); which modules
     are adapted follows the tensors (``target_modules`` / ``layers_to_transform`` only chose them at training).
-    Options this library does not implement (DoRA and the other LoRA variants, ``modules_to_save``, ``bias`` !=
+    DoRA (``use_dora``, ``lora_magnitude_vector``) is imported as this library's DoRA. Options this library does
+    not implement (the other LoRA variants, ``modules_to_save``, ``bias`` !=
     ``"none"``, initialisations that rewrite the base such as PiSSA, ...) are a ``ValueError``, as is a tensor whose
     module ``model`` lacks (PEFT would silently drop it), and (with ``strict``, as :func:`lora.load_lora`) LoRA
     layers already in ``model`` that the adapter does not cover. ``model`` is untouched on any error.
@@ -219,8 +236,13 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool =
         if module is None:
             problems.append(f"{name}: the adapter has tensors for it but {type(model).__name__} has no such module")
             continue
-        if set(ab) != {"A", "B"}:
+        if not {"A", "B"} <= set(ab):
             problems.append(f"{name}: the adapter has lora_{'A' if 'A' in ab else 'B'} but not the other half")
+            continue
+        use_dora = bool(cfg.get("use_dora", False))
+        if use_dora != ("M" in ab):
+            problems.append(f"{name}: adapter_config.json says use_dora={use_dora} but the adapter "
+                            f"{'lacks' if use_dora else 'has'} its lora_magnitude_vector")
             continue
         if is_lora_layer(module):
             problems.append(f"{name}: already has LoRA; import a PEFT adapter into the plain base model")
@@ -252,8 +274,11 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool =
                 problems.append(f"{name}: lora_{half} shape expected {shape}, found {tuple(ab[half].shape)}")
             elif not ab[half].is_floating_point():
                 problems.append(f"{name}: lora_{half} dtype {ab[half].dtype} is not floating point")
+        if use_dora and tuple(ab["M"].shape) != kind.peft_magnitude_shape(module):
+            problems.append(f"{name}: lora_magnitude_vector shape expected {kind.peft_magnitude_shape(module)}, "
+                            f"found {tuple(ab['M'].shape)}")
         plan[name] = (kind, {
-            "r": rank, "lora_alpha": alpha, "use_rslora": bool(cfg.get("use_rslora", False)),
+            "r": rank, "lora_alpha": alpha, "use_rslora": bool(cfg.get("use_rslora", False)), "use_dora": use_dora,
             "lora_dropout": float(cfg.get("lora_dropout", 0.0)), "lora_dtype": ab["A"].dtype})
     if strict:
         for name, m in present.items():
@@ -266,7 +291,7 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool =
                          f"problem{'s' if len(problems) > 1 else ''}); nothing was changed:\n  " + "\n  ".join(problems))
     swap_in(model, plan)
     for name, ab in per_module.items():
-        model.get_submodule(name).load_peft(ab["A"], ab["B"])
+        model.get_submodule(name).load_peft(ab["A"], ab["B"], ab.get("M"))
     return list(per_module)
 
 

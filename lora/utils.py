@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .base import LoRABase, has_adapter, is_lora_layer
+from .layers import Embedding
 
 __all__ = [
     "BIAS_MODES",
@@ -22,6 +23,7 @@ __all__ = [
     "merge_lora",
     "unmerge_lora",
     "merge_and_unload",
+    "loraplus_param_groups",
 ]
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -139,3 +141,47 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
             return plain
         model.set_submodule(name, plain)
     return model
+
+
+def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, lr_embedding: float = 1e-6,
+                          weight_decay: float = 0.0) -> list[dict]:
+    """Optimizer parameter groups for LoRA+ (Hayou et al. 2024: B learns ``ratio`` times faster than A), as PEFT's
+    ``create_loraplus_optimizer`` forms them: ``torch.optim.AdamW(loraplus_param_groups(model, lr=2e-4))``.
+
+    Every parameter that requires grad lands in exactly one group (each group has a ``name``; empty groups are
+    left out):
+
+    * ``"A"``, lr ``lr``: ``lora_A`` of the non-embedding LoRA layers, and any other trainable parameter of 2 or
+      more dims;
+    * ``"B"``, lr ``lr * ratio``: ``lora_B`` of the non-embedding LoRA layers, DoRA's ``lora_magnitude`` (of
+      every layer, embeddings included, as PEFT), and any other trainable 1-dim parameter (PEFT puts every vector
+      with B) except ...
+    * ``"B_no_decay"``, lr ``lr * ratio``, weight decay 0: ... parameters named ``bias``;
+    * ``"embedding"``, lr ``lr_embedding`` (PEFT's default 1e-6): ``lora_A`` / ``lora_B`` of :class:`lora.Embedding`.
+
+    ``weight_decay`` applies to every group but ``"B_no_decay"``.
+    """
+    for name, v in (("lr", lr), ("ratio", ratio), ("lr_embedding", lr_embedding)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+            raise ValueError(f"{name} must be a positive number, got {name}={v!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a non-negative number, got weight_decay={weight_decay!r}")
+    groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}
+    seen: set[int] = set()
+    for module in model.modules():
+        lora_names = set(module.lora_param_names()) if isinstance(module, LoRABase) else set()
+        for p_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))  # tied parameters once
+            if p_name in lora_names and isinstance(module, Embedding) and p_name != "lora_magnitude":
+                groups["embedding"].append(p)
+            elif p_name in lora_names:
+                groups["A" if p_name == "lora_A" else "B"].append(p)
+            elif p.ndim >= 2:
+                groups["A"].append(p)
+            else:
+                groups["B_no_decay" if p_name == "bias" else "B"].append(p)
+    rates = {"A": lr, "embedding": lr_embedding, "B": lr * ratio, "B_no_decay": lr * ratio}
+    return [{"name": g, "params": ps, "lr": rates[g], "weight_decay": 0.0 if g == "B_no_decay" else weight_decay}
+            for g, ps in groups.items() if ps]

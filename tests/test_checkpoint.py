@@ -802,7 +802,6 @@ def _import_fails(adapter, *fragments, model=None):
 
 
 @pytest.mark.parametrize("config, fragment", [
-    ({"use_dora": True}, "use_dora=True is not supported"),
     ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] is not supported"),
     ({"bias": "all"}, "bias='all' is not supported"),
 ])
@@ -812,6 +811,7 @@ def test_import_refuses_peft_options_it_does_not_implement(tmp_path, config, fra
 
 
 @pytest.mark.parametrize("edit, fragment", [
+    ({"use_dora": True}, "says use_dora=True but the adapter lacks its lora_magnitude_vector"),  # DoRA: test_dora.py
     ({"init_lora_weights": "pissa"}, "rewrite the base weights"),
     ({"init_lora_weights": "olora"}, "rewrite the base weights"),
     ({"lora_bias": True}, "lora_bias=True"),
@@ -841,7 +841,7 @@ def test_import_refuses_tensor_for_a_module_the_model_lacks(tmp_path):
     tensors["base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector"] = torch.zeros(64)
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
     _import_fails(adapter, "model.layers.0.mlp.up_proj: the adapter has tensors for it but",
-                  "lora_magnitude_vector: not a LoRA tensor")
+                  "down_proj: adapter_config.json says use_dora=False but the adapter has its lora_magnitude_vector")
 
 
 def test_import_refuses_wrong_base_and_already_adapted_model(tmp_path):

@@ -459,3 +459,36 @@ def test_answer_match_is_whole_word() -> None:
     example.replies = lambda *args, **kwargs: [next(replies) for _ in qa]
     scores, _ = example.qa_accuracy(None, None, qa, {"max_new_tokens": 8, "per_device_eval_batch_size": 4}, "cpu")
     assert scores["answer_match"] == 2 / 3 and scores["exact_match"] == 2 / 3
+
+
+def test_variants_dora_pissa_loraplus_train_merge_and_resume(tiny_model, chats, tmp_path):
+    """--use_dora --init_lora_weights pissa_niter_2 --loraplus_lr_ratio 16: the adapter file says so, the merged model
+    and the adapter on the original base agree, the PEFT export is the converted rank-2r LoRA, and a killed run
+    resumes to the same adapter bit for bit."""
+    variant = ("--use_dora", "--init_lora_weights", "pissa_niter_2", "--loraplus_lr_ratio", "16")
+    out = tmp_path / "run"
+    finetune.main(_args(tiny_model, chats, out, "--max_steps", "5", "--merge", *variant))
+    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
+        entries = json.loads(f.metadata()["modules"])
+        keys = set(f.keys())
+    assert all(e["use_dora"] and e["init_lora_weights"] == "pissa_niter_2" for e in entries.values())
+    assert any(k.endswith(".lora_magnitude") for k in keys) and any(k.endswith(".lora_A_init") for k in keys)
+    peft_cfg = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert peft_cfg["use_dora"] is True and peft_cfg["init_lora_weights"] is True and peft_cfg["r"] == 2 * 16 * 3
+    merged = Phi3ForCausalLM.from_pretrained(out / "merged")
+    adapted = Phi3ForCausalLM.from_pretrained(tiny_model)  # the original base: load_lora subtracts the initial adapter
+    lora.load_lora(adapted, out / "adapter.safetensors")
+    ids = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+    script = [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
+    killed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "5", "--num_samples", "0",
+                                           "--kill_after_step", "3", *variant), capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "5", "--num_samples", "0",
+                                            "--resume", *variant), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _tensors(out / "adapter.safetensors"), _tensors(tmp_path / "b" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -287,3 +287,65 @@ def test_lora_parameter_names_follow_named_parameters():
                                                                               "conv.bias", "conv2.bias"}
     assert set(lora.lora_parameter_names(model, "all")) - set(names) == {"qkv.bias", "proj.bias", "conv.bias",
                                                                         "conv2.bias", "head.bias"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA+ parameter groups
+
+
+def _loraplus_model(dora: bool):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(11, 6)
+            self.fc = nn.Linear(6, 5)
+            self.head = nn.Linear(5, 3)
+
+        def forward(self, ids):
+            return self.head(self.fc(self.emb(ids)))
+
+    torch.manual_seed(0)
+    return Net()
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_loraplus_groups_hold_every_trainable_parameter_once_with_peft_rates(dora):
+    peft = pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    ours = _loraplus_model(dora)
+    lora.inject(ours, ["emb", "fc"], r=2, use_dora=dora, mark_trainable=False)
+    lora.mark_only_lora_as_trainable(ours, bias="lora_only")
+    ours.head.weight.requires_grad_(True)  # a fully trained module next to the adapters
+    groups = lora.loraplus_param_groups(ours, lr=1e-3, ratio=8, weight_decay=0.01)
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    in_groups = [p for g in groups for p in g["params"]]
+    assert len(in_groups) == len(trainable) and {id(p) for p in in_groups} == {id(p) for p in trainable}
+    names = {id(p): n for n, p in ours.named_parameters()}
+    ours_lr = {names[id(p)]: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert ours_lr["fc.lora_B"][0] == 8 * ours_lr["fc.lora_A"][0] == 8e-3
+    torch.optim.AdamW(groups)  # torch accepts them as they are
+
+    # PEFT's LoRA+ on the same structure: the same rate for each parameter
+    theirs = peft.get_peft_model(_loraplus_model(dora), peft.LoraConfig(
+        r=2, target_modules=["emb", "fc"], use_dora=dora, bias="lora_only", modules_to_save=None))
+    theirs.base_model.model.head.weight.requires_grad_(True)
+    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8,
+                                    loraplus_weight_decay=0.01)
+    peft_names = {id(p): n for n, p in theirs.named_parameters()}
+
+    def ours_name(n):
+        n = n.removeprefix("base_model.model.").replace(".base_layer", "").replace(".default", "")
+        n = n.replace("lora_embedding_", "lora_").replace("lora_magnitude_vector.weight", "lora_magnitude")
+        return n.replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B")
+
+    theirs_lr = {ours_name(peft_names[id(p)]): (g["lr"], g["weight_decay"]) for g in opt.param_groups
+                 for p in g["params"]}
+    assert theirs_lr == ours_lr
+
+
+@pytest.mark.parametrize("kwargs", [{"lr": 0}, {"lr": 1e-3, "ratio": -1}, {"lr": 1e-3, "weight_decay": -0.1},
+                                    {"lr": float("nan")}])
+def test_loraplus_bad_rates_are_value_errors(kwargs):
+    with pytest.raises(ValueError, match=next(iter(k for k in kwargs if k != "lr" or len(kwargs) == 1))):
+        lora.loraplus_param_groups(nn.Linear(2, 2), **kwargs)

@@ -69,6 +69,8 @@ def inject(
     gate_up_slices: Sequence[str] = GATE_UP_SLICES,
     fused: bool = False,
     use_rslora: bool = False,
+    use_dora: bool = False,
+    init_lora_weights: str = "default",
     lora_dtype: Any = None,
     mark_trainable: bool = True,
 ) -> list[str]:
@@ -78,14 +80,17 @@ def inject(
     Hugging Face's Phi-3 LoRA recipe). ``qkv_proj`` becomes a :class:`lora.MergedLinear` over the slices
     ``qkv_slices`` (``("q", "v")`` is the LoRA paper's choice) and ``gate_up_proj`` one over ``gate_up_slices``;
     ``o_proj`` and ``down_proj`` become :class:`lora.Linear`. ``fused=True`` makes every target a plain
-    :class:`lora.Linear` (PEFT's layout). ``lm_head`` and the embeddings are never touched. With
+    :class:`lora.Linear` (PEFT's layout). ``use_dora`` adds DoRA's magnitude (per slice for a ``MergedLinear``);
+    ``init_lora_weights`` as :func:`lora.inject` (PiSSA / OLoRA per slice). ``lm_head`` and the embeddings are never touched. With
     ``mark_trainable`` only LoRA parameters require grad afterwards.
     """
     if not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} has no .config; expected a Phi-3 causal LM (ours or transformers')")
     per_target = _target_kwargs(model.config, targets, qkv_slices, gate_up_slices, fused)
     return inject_modules(model, per_target, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          use_rslora=use_rslora, lora_dtype=lora_dtype, mark_trainable=mark_trainable)
+                          use_rslora=use_rslora, use_dora=use_dora,
+                          init_lora_weights=init_lora_weights, lora_dtype=lora_dtype,
+                          mark_trainable=mark_trainable)
 
 
 def trainable_count(

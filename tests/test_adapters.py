@@ -1,0 +1,229 @@
+"""lora.adapters: several adapters on one base (named slots, switching, mixed batches, hot swap).
+
+The oracle for every adapter is a separate model holding that adapter alone, loaded from the same file as its
+default adapter (the path every other test of this project covers).
+"""
+
+import copy
+
+import pytest
+import torch
+
+import lora
+import lora.phi3
+from lora.phi3 import Phi3Config, Phi3ForCausalLM
+
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+RANKS = {"a": (2, 4.0), "b": (4, 16.0), "c": (3, 3.0)}  # name -> (r, lora_alpha): different ranks and scalings
+
+
+@pytest.fixture(scope="module")
+def base():
+    torch.manual_seed(0)
+    return Phi3ForCausalLM(Phi3Config.from_dict(TINY)).eval()
+
+
+def random_adapter(base_model, r, alpha, seed, **inject_kwargs):
+    model = copy.deepcopy(base_model)
+    lora.phi3.inject(model, r=r, lora_alpha=alpha, lora_dropout=0.0, **inject_kwargs)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["per-slice", "fused"])
+def files(request, base, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapters")
+    paths = {"fused": request.param}
+    for seed, (name, (r, alpha)) in enumerate(RANKS.items()):
+        paths[name] = out / f"{name}.safetensors"
+        lora.save_lora(random_adapter(base, r, alpha, seed, fused=request.param), paths[name])
+    return paths
+
+
+def alone(base_model, path):
+    model = copy.deepcopy(base_model)
+    lora.load_lora(model, path)
+    return model.eval()
+
+
+def several(base_model, paths):
+    model = copy.deepcopy(base_model)
+    lora.load_lora(model, paths["a"])  # the default adapter: lora_A / lora_B
+    lora.load_lora(model, paths["b"], adapter_name="b")
+    lora.load_lora(model, paths["c"], adapter_name="c")
+    return model.eval()
+
+
+def ids(batch, length, seed=1):
+    return torch.randint(3, TINY["vocab_size"], (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_names_keys_and_switching(base, files):
+    model = several(base, files)
+    assert lora.adapter_names(model) == ["default", "b", "c"]
+    keys = set(model.state_dict())
+    assert "model.layers.0.self_attn.o_proj.lora_A" in keys  # the default keeps loralib's keys
+    assert "model.layers.0.self_attn.o_proj.lora_adapters.b.lora_A" in keys
+    assert set(lora.lora_state_dict(model)) == {k for k in keys if k.endswith(("lora_A", "lora_B"))}
+    x = ids(2, 7)
+    for name, path in (("default", files["a"]), ("b", files["b"]), ("c", files["c"])):
+        lora.set_adapter(model, name)
+        assert lora.active_adapter(model) == name
+        torch.testing.assert_close(model(x).logits, alone(base, path)(x).logits, rtol=0, atol=1e-6)
+    lora.set_adapter(model, None)
+    assert torch.equal(model(x).logits, base(x).logits)
+    with pytest.raises(ValueError, match="'nope'"):
+        lora.set_adapter(model, "nope")
+
+
+@pytest.mark.parametrize("rows", [["b", None, "default", "c", "c", "b"], [None, None], ["c"]])
+def test_mixed_batch_row_equals_adapter_alone(base, files, rows):
+    model = several(base, files)
+    x = ids(len(rows), 9)
+    with lora.adapter_batch(model, rows):
+        mixed = model(x).logits
+    refs = {"default": alone(base, files["a"]), "b": alone(base, files["b"]), "c": alone(base, files["c"]), None: base}
+    for i, name in enumerate(rows):
+        torch.testing.assert_close(mixed[i : i + 1], refs[name](x[i : i + 1]).logits, rtol=0, atol=1e-6)
+    assert torch.equal(model(x).logits, refs["default"](x).logits)  # the block is left behind: default again
+    assert not any(n.endswith(("lora_rows", "lora_stack_A")) for n, _ in model.named_buffers())
+
+
+def test_mixed_generate_with_kv_cache(base, files):
+    model = several(base, files)
+    rows = ["c", "default", None, "b"]
+    prompt = ids(len(rows), 5)
+    refs = {"default": alone(base, files["a"]), "b": alone(base, files["b"]), "c": alone(base, files["c"]), None: base}
+    with lora.adapter_batch(model, rows):
+        generated = model.generate(prompt, 6)
+        # one cached decoding step, logits compared directly
+        first = model(prompt, use_cache=True)
+        step = model(generated[:, 5:6], past_key_values=first.past_key_values, use_cache=True).logits
+    for i, name in enumerate(rows):
+        assert torch.equal(generated[i], refs[name].generate(prompt[i : i + 1], 6)[0]), name
+        ref_first = refs[name](prompt[i : i + 1], use_cache=True)
+        ref_step = refs[name](generated[i : i + 1, 5:6], past_key_values=ref_first.past_key_values, use_cache=True)
+        torch.testing.assert_close(step[i : i + 1], ref_step.logits, rtol=0, atol=1e-6)
+
+
+def test_mixed_batch_is_differentiable(base, files):
+    model = several(base, files)
+    lora.mark_only_lora_as_trainable(model)
+    x = ids(3, 4)
+    with lora.adapter_batch(model, ["b", "c", None]):
+        model(x).logits.square().mean().backward()
+    layer = model.model.layers[0].self_attn.o_proj
+    assert layer.lora_adapters["b"].lora_B.grad.abs().sum() > 0
+    assert layer.lora_adapters["c"].lora_B.grad.abs().sum() > 0
+    assert layer.lora_B.grad is None or layer.lora_B.grad.abs().sum() == 0  # default: no row used it
+
+
+def test_hot_swap_keeps_modules_and_parameters(base, files, tmp_path):
+    model = several(base, files)
+    layer = model.model.layers[1].mlp.down_proj
+    slot = layer.lora_adapters["b"]
+    before = {n: id(p) for n, p in model.named_parameters()}
+    modules = {n: id(m) for n, m in model.named_modules()}
+    x = ids(2, 5)
+    with lora.adapter_batch(model, ["b", "b"]):
+        model(x)  # builds the stacked cache
+        # a new adapter of the same shapes (another seed) into slot "b"
+        r, alpha = RANKS["b"]
+        other = tmp_path / "b2.safetensors"
+        lora.save_lora(random_adapter(base, r, alpha, 99, fused=files["fused"]), other)
+        lora.load_lora(model, other, adapter_name="b")
+        swapped = model(x).logits  # the cache notices the in-place write
+    assert {n: id(p) for n, p in model.named_parameters()} == before
+    assert {n: id(m) for n, m in model.named_modules()} == modules
+    assert layer.lora_adapters["b"] is slot
+    torch.testing.assert_close(swapped, alone(base, other)(x).logits, rtol=0, atol=1e-6)
+
+
+def test_save_by_name_round_trips(base, files, tmp_path):
+    model = several(base, files)
+    lora.save_lora(model, tmp_path / "c.safetensors", adapter_name="c")
+    assert lora.read_lora(tmp_path / "c.safetensors")[0].keys() == lora.read_lora(files["c"])[0].keys()
+    for key, t in lora.read_lora(tmp_path / "c.safetensors")[0].items():
+        assert torch.equal(t, lora.read_lora(files["c"])[0][key])
+    lora.save_lora(model, tmp_path / "default.safetensors")
+    for key, t in lora.read_lora(tmp_path / "default.safetensors")[0].items():
+        assert torch.equal(t, lora.read_lora(files["a"])[0][key])
+    assert lora.adapter_names(model) == ["default", "b", "c"]  # the view was put back
+
+
+def test_merge_rules(base, files):
+    model = several(base, files)
+    x = ids(2, 5)
+    lora.set_adapter(model, "b")
+    with pytest.raises(ValueError, match="'b' is active"):
+        lora.merge_lora(model)
+    lora.set_adapter(model, "default")
+    lora.merge_lora(model)
+    with pytest.raises(ValueError, match="merged"):
+        lora.set_adapter(model, "c")
+    with pytest.raises(ValueError, match="merged"), lora.adapter_batch(model, ["b", "c"]):
+        pass
+    lora.unmerge_lora(model)
+    lora.set_adapter(model, "c")
+    expected = alone(base, files["c"])(x).logits
+    plain = lora.merge_and_unload(model)  # the active adapter is the one merged
+    assert not any(isinstance(m, lora.LoRABase) for m in plain.modules())
+    torch.testing.assert_close(plain(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_delete_adapter(base, files):
+    model = several(base, files)
+    lora.set_adapter(model, "b")
+    with pytest.raises(ValueError, match="active"):
+        lora.delete_adapter(model, "b")
+    lora.delete_adapter(model, "c")
+    assert lora.adapter_names(model) == ["default", "b"]
+    with pytest.raises(ValueError, match="default"):
+        lora.delete_adapter(model, "default")
+    lora.set_adapter(model, "default")
+    lora.delete_adapter(model, "b")
+    assert not any(n.endswith("lora_adapters") for n, _ in model.named_modules())
+
+
+def test_named_adapter_onto_plain_base(base, files):
+    model = copy.deepcopy(base)
+    lora.load_lora(model, files["b"], adapter_name="b")
+    lora.load_lora(model, files["c"], adapter_name="c")
+    assert lora.adapter_names(model) == ["b", "c"]
+    x = ids(3, 6)
+    assert torch.equal(model(x).logits, base(x).logits)  # no default adapter: the base
+    with lora.adapter_batch(model, ["c", None, "b"]):
+        mixed = model(x).logits
+    torch.testing.assert_close(mixed[0:1], alone(base, files["c"])(x[0:1]).logits, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mixed[2:3], alone(base, files["b"])(x[2:3]).logits, rtol=0, atol=1e-6)
+
+
+def test_bad_input_changes_nothing(base, files):
+    model = several(base, files)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'x y'"):
+        lora.load_lora(model, files["b"], adapter_name="x y")
+    with pytest.raises(ValueError, match="'zzz'"), lora.adapter_batch(model, ["b", "zzz"]):
+        pass
+    with pytest.raises(ValueError, match="3 rows"), lora.adapter_batch(model, ["b", "c", None]):
+        model(ids(2, 4))
+    with pytest.raises(ValueError, match="'nope'"):
+        lora.save_lora(model, "/nonexistent/x.safetensors", adapter_name="nope")
+    after = model.state_dict()
+    assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
+    assert lora.adapter_names(model) == ["default", "b", "c"]

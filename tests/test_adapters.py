@@ -227,3 +227,37 @@ def test_bad_input_changes_nothing(base, files):
     after = model.state_dict()
     assert state.keys() == after.keys() and all(torch.equal(state[k], after[k]) for k in state)
     assert lora.adapter_names(model) == ["default", "b", "c"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PEFT as the oracle: its mixed-batch forward (adapter_names=) on transformers' Phi-3
+
+
+@pytest.mark.parametrize("ours_on", ["transformers", "lora.phi3"])
+def test_mixed_batch_matches_peft(ours_on, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**TINY)).eval()
+    hf.save_pretrained(tmp_path / "base")
+    ours = copy.deepcopy(hf) if ours_on == "transformers" else Phi3ForCausalLM.from_pretrained(tmp_path / "base")
+    targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    # init_lora_weights=False: random A and B, so every adapter changes the logits
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    pm.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    pm.add_adapter("c", peft.LoraConfig(r=3, lora_alpha=3, use_rslora=True, target_modules=targets[1:],
+                                        init_lora_weights=False))
+    pm.eval()
+    pm.save_pretrained(tmp_path / "peft")  # default in peft/, the others in peft/<name>/
+    lora.import_peft(ours, tmp_path / "peft")
+    lora.import_peft(ours, tmp_path / "peft" / "b", adapter_name="b")
+    lora.import_peft(ours, tmp_path / "peft" / "c", adapter_name="c")
+    ours.eval()
+    x = ids(5, 8)
+    rows = ["b", None, "default", "c", "b"]
+    with torch.no_grad():
+        expected = pm(input_ids=x, adapter_names=[n or "__base__" for n in rows]).logits
+        with lora.adapter_batch(ours, rows):
+            got = ours(x).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (expected[0] - expected[1]).abs().max() > 1e-2  # the adapters do change the logits

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import lora
+import lora.adapters
 import lora.phi3
 from lora.phi3 import Phi3Config, Phi3ForCausalLM
 
@@ -245,8 +246,9 @@ def test_mixed_batch_matches_peft(ours_on, tmp_path):
     # init_lora_weights=False: random A and B, so every adapter changes the logits
     pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, init_lora_weights=False))
     pm.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, init_lora_weights=False))
-    pm.add_adapter("c", peft.LoraConfig(r=3, lora_alpha=3, use_rslora=True, target_modules=targets[1:],
-                                        init_lora_weights=False))
+    pm.add_adapter(
+        "c", peft.LoraConfig(r=3, lora_alpha=3, use_rslora=True, target_modules=targets[1:], init_lora_weights=False)
+    )
     pm.eval()
     pm.save_pretrained(tmp_path / "peft")  # default in peft/, the others in peft/<name>/
     lora.import_peft(ours, tmp_path / "peft")
@@ -261,3 +263,38 @@ def test_mixed_batch_matches_peft(ours_on, tmp_path):
             got = ours(x).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert (expected[0] - expected[1]).abs().max() > 1e-2  # the adapters do change the logits
+
+
+def test_refusals_name_what_is_wrong(base, files, tmp_path):
+    # a PEFT adapter (one LoRA over the whole qkv matrix) cannot become a per-slice MergedLinear's named adapter
+    fused = random_adapter(base, 2, 4.0, 5, fused=True)
+    lora.export_peft(fused, tmp_path / "peft")
+    per_slice = random_adapter(base, 2, 4.0, 6)
+    before = {k: v.clone() for k, v in per_slice.state_dict().items()}
+    with pytest.raises(ValueError, match="MergedLinear.*fused=True"):
+        lora.import_peft(per_slice, tmp_path / "peft", adapter_name="p")
+    assert all(torch.equal(v, per_slice.state_dict()[k]) for k, v in before.items())
+    # named adapters run on the linear kinds only
+    emb = torch.nn.Sequential(lora.Embedding(10, 4, r=2))
+    with pytest.raises(TypeError, match="Embedding"):
+        lora.adapters.put_slot(emb[0], "x", 2, 1.0, False, {"lora_A": torch.zeros(2, 10), "lora_B": torch.zeros(4, 2)})
+    # an adapter saved with biases would change what every other adapter computes
+    with_bias = random_adapter(base, 2, 4.0, 7, fused=files["fused"])
+    path = tmp_path / "bias.safetensors"
+    lora.save_lora(with_bias, path, bias="all")
+    model = several(base, files)
+    with pytest.raises(ValueError, match="biases"):
+        lora.load_lora(model, path, adapter_name="biased")
+
+
+def test_state_dict_round_trip_keeps_every_adapter(base, files):
+    model = several(base, files)
+    state = lora.lora_state_dict(model)
+    fresh = several(base, files)
+    with torch.no_grad():
+        for p in lora.lora_state_dict(fresh).values():
+            p.zero_()
+    fresh.load_state_dict(state, strict=False)
+    x = ids(3, 5)
+    with lora.adapter_batch(model, ["b", "c", "default"]), lora.adapter_batch(fresh, ["b", "c", "default"]):
+        assert torch.equal(model(x).logits, fresh(x).logits)

@@ -115,6 +115,8 @@ def test_mixed_generate_with_kv_cache(base, files):
         # one cached decoding step, logits compared directly
         first = model(prompt, use_cache=True)
         step = model(generated[:, 5:6], past_key_values=first.past_key_values, use_cache=True).logits
+    assert torch.equal(model.generate(prompt, 6, adapter_names=rows), generated)  # lora.phi3's own argument
+    assert torch.equal(model(prompt, adapter_names=rows).logits, first.logits)
     for i, name in enumerate(rows):
         assert torch.equal(generated[i], refs[name].generate(prompt[i : i + 1], 6)[0]), name
         ref_first = refs[name](prompt[i : i + 1], use_cache=True)

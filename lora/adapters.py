@@ -362,8 +362,13 @@ def _stacks(layer: LoRABase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     names = layer._lora_row_names
     params = [_adapter_params(layer, n) for n in names]
     key = tuple((id(p[0]), p[0]._version, id(p[1]), p[1]._version, p[3]) if p is not None else None for p in params)
-    grad = torch.is_grad_enabled() and any(p is not None and (p[0].requires_grad or p[1].requires_grad) for p in params)
-    if not grad and getattr(layer, "_lora_stack_key", None) == key and "lora_stack_A" in layer._buffers:
+    # Rebuilt every forward (never cached) when gradients must flow through the stacks, and under torch.compile
+    # (plain tensor ops, which it traces and fuses; the cache's buffers and versions would break the graph).
+    fresh = torch.is_grad_enabled() and any(
+        p is not None and (p[0].requires_grad or p[1].requires_grad) for p in params
+    )
+    fresh = fresh or torch.compiler.is_compiling()
+    if not fresh and getattr(layer, "_lora_stack_key", None) == key and "lora_stack_A" in layer._buffers:
         return layer.lora_stack_A, layer.lora_stack_B, layer.lora_stack_scale
     factors = [
         None if p is None else _factors(layer, p[0], p[1], p[2]) for p in params
@@ -388,7 +393,7 @@ def _stacks(layer: LoRABase) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     scale = torch.tensor([0.0] + [p[3] if p is not None else 0.0 for p in params], dtype=dtype, device=device).view(
         -1, 1, 1
     )
-    if not grad:
+    if not fresh:
         layer.register_buffer("lora_stack_A", A_t, persistent=False)
         layer.register_buffer("lora_stack_B", B_t, persistent=False)
         layer.register_buffer("lora_stack_scale", scale, persistent=False)

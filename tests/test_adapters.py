@@ -46,14 +46,17 @@ def random_adapter(base_model, r, alpha, seed, **inject_kwargs):
     return model
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["per-slice", "fused"])
-def files(request, base, tmp_path_factory):
-    out = tmp_path_factory.mktemp("adapters")
-    paths = {"fused": request.param}
+def make_files(base_model, out, fused):
+    paths = {"fused": fused}
     for seed, (name, (r, alpha)) in enumerate(RANKS.items()):
         paths[name] = out / f"{name}.safetensors"
-        lora.save_lora(random_adapter(base, r, alpha, seed, fused=request.param), paths[name])
+        lora.save_lora(random_adapter(base_model, r, alpha, seed, fused=fused), paths[name])
     return paths
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["per-slice", "fused"])
+def files(request, base, tmp_path_factory):
+    return make_files(base, tmp_path_factory.mktemp("adapters"), request.param)
 
 
 def alone(base_model, path):
@@ -300,3 +303,34 @@ def test_state_dict_round_trip_keeps_every_adapter(base, files):
     x = ids(3, 5)
     with lora.adapter_batch(model, ["b", "c", "default"]), lora.adapter_batch(fresh, ["b", "c", "default"]):
         assert torch.equal(model(x).logits, fresh(x).logits)
+
+
+def test_hot_swap_does_not_recompile(base, tmp_path):
+    from torch._dynamo.testing import CompileCounter
+
+    files = make_files(base, tmp_path, fused=False)  # per-slice only: tracing takes seconds
+
+    model = several(base, files)
+    r, alpha = RANKS["b"]
+    other = tmp_path / "b2.safetensors"
+    lora.save_lora(random_adapter(base, r, alpha, 98, fused=files["fused"]), other)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = ids(2, 5)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        lora.set_adapter(model, "b")
+        compiled(x)
+        frames = counter.frame_count
+        lora.load_lora(model, other, adapter_name="b")
+        swapped = compiled(x).logits
+        assert counter.frame_count == frames  # same tensors, new values: no recompilation
+        torch.testing.assert_close(swapped, alone(base, other)(x).logits, rtol=0, atol=1e-6)
+        lora.set_adapter(model, "default")
+        with lora.adapter_batch(model, ["b", "c"]):
+            compiled(x)
+            frames = counter.frame_count
+            lora.load_lora(model, files["b"], adapter_name="b")
+            mixed = compiled(x).logits
+            assert counter.frame_count == frames
+        torch.testing.assert_close(mixed[:1], alone(base, files["b"])(x[:1]).logits, rtol=0, atol=1e-6)

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     names = [name or "default" for name, _ in adapters]
     if len(set(names)) != len(names):
         parser.error(f"each --adapter needs its own name (NAME=PATH; one may be unnamed), got {names}")
+    if "base" in names:
+        parser.error("'base' means no adapter (/use base, [base] in --compare); name the adapter otherwise")
     if args.compare and not adapters:
         parser.error("--compare needs --adapter (NAME=PATH, repeatable)")
 

@@ -125,7 +125,7 @@ def test_single_unnamed_adapter_and_bad_flags(two_adapters, capsys):
     chat.main(["--max_new_tokens", "6", "--prompt", "Hi", "--adapter", f"m={two_adapters['math']}"])
     assert capsys.readouterr().out == unnamed  # the same adapter, named or not
     for argv in (["--adapter", f"a={two_adapters['math']}", "--adapter", f"a={two_adapters['story']}"],
-                 ["--compare", "--prompt", "Hi"]):
+                 ["--compare", "--prompt", "Hi"], ["--adapter", f"base={two_adapters['math']}"]):
         with pytest.raises(SystemExit) as exit_info:
             chat.main(argv)
         assert exit_info.value.code != 0

@@ -13,6 +13,7 @@ LM head does not dilute the layers' share.
 
     python benchmarks/bench_multi_adapter.py            # 2 real-size layers, prefill 8 x 32 and decode 8 x 1
     python benchmarks/bench_multi_adapter.py --quick    # tiny sizes: a smoke test, not a measurement
+    python benchmarks/bench_multi_adapter.py --device cuda --threads 8   # on a GPU (not measured yet)
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ ROUNDS, QUICK_ROUNDS = 7, 3
 MIXED_TARGET = 1.30  # issue 16: mixed batch <= 1.3x a single adapter's forward
 
 
-def build(quick: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
+def build(quick: bool, device: str = "cpu") -> tuple[torch.nn.Module, torch.nn.Module]:
     """(transformers' Phi-3 with our four adapters, the same model wrapped by PEFT with the same four)."""
     from peft import LoraConfig, get_peft_model
 
@@ -48,7 +49,7 @@ def build(quick: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
         cfg = _impls.phi3_config_dict(hidden=128, layers=2, heads=4, intermediate=256, vocab=VOCAB)
     else:
         cfg = _impls.phi3_config_dict(hidden=3072, layers=LAYERS, heads=32, intermediate=8192, vocab=VOCAB)
-    hf = _impls.hf_phi3(cfg).eval()
+    hf = _impls.hf_phi3(cfg, device=device).eval()
     ours = copy.deepcopy(hf)
     peft_model = None
     for name, r in RANKS.items():
@@ -69,13 +70,14 @@ def build(quick: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _timing.add_common_args(p, ROUNDS, QUICK_ROUNDS, list(CASES))
+    p.add_argument("--device", default="cpu", help="cpu or cuda (fp32 on either)")
     args = p.parse_args(argv)
     _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
     if _timing.optional_import("peft") is None:
         sys.exit("bench_multi_adapter.py: error: needs peft and transformers (pip install -e '.[test]')")
     torch.manual_seed(0)
-    ours, peft_model = build(args.quick)
-    print(_timing.header(torch.float32))
+    ours, peft_model = build(args.quick, args.device)
+    print(_timing.header(torch.float32, args.device))
     print(
         f"adapters: {RANKS} (alpha = 2 r); rows: {ROWS}; {LAYERS if not args.quick else 2} decoder layers, "
         f"vocab {VOCAB}; eval, no_grad; {args.rounds} interleaved rounds\n"
@@ -93,7 +95,7 @@ def run_case(case: str, ours, held_model, peft_model, args: argparse.Namespace) 
     """Time one case (``CASES[case]`` tokens per row); return its table rows."""
     tokens = CASES[case]
     rows: list[Row] = []
-    x = torch.randint(0, VOCAB, (len(ROWS), tokens), generator=torch.Generator().manual_seed(1))
+    x = torch.randint(0, VOCAB, (len(ROWS), tokens), generator=torch.Generator().manual_seed(1)).to(args.device)
 
     @torch.no_grad()
     def ours_single():
@@ -139,7 +141,8 @@ def run_case(case: str, ours, held_model, peft_model, args: argparse.Namespace) 
         print(f"{case}: max |ours mixed - PEFT mixed| logits = {diff:.2e}")
         if diff > 1e-3:
             sys.exit(f"bench_multi_adapter.py: error: ours and PEFT disagree on the mixed batch ({diff:.2e})")
-        times = _timing.interleaved(fns, rounds=args.rounds, seed=args.seed)
+        sync = torch.cuda.synchronize if args.device.startswith("cuda") else None
+        times = _timing.interleaved(fns, rounds=args.rounds, seed=args.seed, sync=sync)
     base = "ours, one adapter"
     label = f"{case} ({len(ROWS)} x {tokens})"
     for name in fns:

@@ -334,3 +334,19 @@ def test_hot_swap_does_not_recompile(base, tmp_path):
             mixed = compiled(x).logits
             assert counter.frame_count == frames
         torch.testing.assert_close(mixed[:1], alone(base, files["b"])(x[:1]).logits, rtol=0, atol=1e-6)
+
+
+def test_mixed_batch_on_transformers_per_slice(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.Phi3ForCausalLM(transformers.Phi3Config(**TINY)).eval()
+    files = make_files(hf, tmp_path, fused=False)  # per-slice MergedLinear on transformers' fused projections
+    model = several(hf, files)
+    rows = ["c", None, "b", "default"]
+    x = ids(len(rows), 6)
+    with torch.no_grad(), lora.adapter_batch(model, rows):
+        mixed = model(x).logits
+    refs = {"default": alone(hf, files["a"]), "b": alone(hf, files["b"]), "c": alone(hf, files["c"]), None: hf}
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(mixed[i : i + 1], refs[name](x[i : i + 1]).logits, rtol=0, atol=1e-6)

@@ -11,6 +11,7 @@ from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .checkpoint import load_lora, read_lora, save_lora
 from .peft_format import export_peft, import_peft
 from .injection import inject
+from .adapters import active_adapter, adapter_batch, adapter_names, delete_adapter, set_adapter
 from .utils import (
     loraplus_param_groups,
     lora_parameter_names,
@@ -48,6 +49,11 @@ __all__ = [
     "read_lora",
     "export_peft",
     "import_peft",
+    "adapter_names",
+    "set_adapter",
+    "active_adapter",
+    "delete_adapter",
+    "adapter_batch",
     "data",
     "phi3",
 ]

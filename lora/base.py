@@ -402,6 +402,10 @@ class LoRABase(LoRALayer):
         keeps a record (at most one byte per weight; see :mod:`lora._merge`) so that :meth:`unmerge` restores the
         weight bit for bit; without it, or past that budget, unmerging subtracts.
         """
+        if getattr(self, "active_adapter", "default") != "default":  # set by lora.set_adapter
+            raise ValueError(f"{type(self).__name__}: adapter {self.active_adapter!r} is active, but merging folds in "
+                             f"the default adapter; set_adapter(model, 'default') first (merge_and_unload merges "
+                             f"the active one)")
         if self.merged or not has_adapter(self):
             return
         if not self.weight.is_contiguous():

@@ -28,6 +28,7 @@ import torch.nn as nn
 from safetensors import safe_open
 
 from ._io import atomic_write, remove_stale_temporaries, write_safetensors
+from .adapters import DEFAULT, adapter_view, check_name, put_slot, slots, supports_named
 from .base import LoRABase, check_init, has_adapter, is_lora_layer, is_mutating_init, lora_scaling
 from .layers import KINDS
 from .utils import BIAS_MODES, lora_state_dict
@@ -62,7 +63,8 @@ def _convert_entry(info: dict[str, Any], m: LoRABase) -> dict[str, Any]:
             "converted_from": m.init_lora_weights}
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none", convert_to_lora: bool = False) -> None:
+def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none", convert_to_lora: bool = False,
+              adapter_name: str | None = None) -> None:
     """Write ``model``'s adapter to one safetensors file at ``path``.
 
     Layers initialised with PiSSA / OLoRA (``init_lora_weights``) were trained over a *residual* base, ``W - s B0
@@ -75,8 +77,15 @@ def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none", con
 
     Atomic (a temporary file renamed over ``path``; stale temporaries of killed writers are removed), reproducible
     (equal tensors and settings give equal bytes), written through a symlink to its target, and refused with a
-    ``PermissionError`` over a read-only file.
+    ``PermissionError`` over a read-only file. With several adapters (:mod:`lora.adapters`) ``adapter_name`` picks
+    the one saved (default: ``"default"``, the layers' ``lora_A`` / ``lora_B``); the file is the same as that
+    adapter alone would give, so it loads as the default or under any name.
     """
+    with adapter_view(model, adapter_name):
+        _save(model, path, bias, convert_to_lora)
+
+
+def _save(model: nn.Module, path: str | os.PathLike, bias: str, convert_to_lora: bool) -> None:
     modules = adapted_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA layer with r > 0: nothing to save")
@@ -255,8 +264,15 @@ def _check_module(name: str, info: dict[str, Any], module: nn.Module, problems: 
             problems.append(f"{name}: {f} expected {info[f]!r}, found {found!r}")
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, allow_nonfinite: bool = False) -> list[str]:
+def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, allow_nonfinite: bool = False,
+              adapter_name: str | None = None) -> list[str]:
     """Load an adapter file onto ``model``; return the names of the adapted modules.
+
+    ``adapter_name`` (other than ``"default"``) loads the file as a named adapter next to the layers' own
+    (:mod:`lora.adapters`): any rank and alpha, biases refused (every adapter shares them), plain modules injected
+    as LoRA layers without a default adapter first, and (with ``strict``) layers holding an adapter of that name
+    that the file does not cover refused. Loading into a name that exists with the same shapes copies the values in
+    place (the modules and Parameters stay the same objects).
 
     Modules that are still plain torch layers are injected first from the file's metadata (rank, alpha, slices).
     Everything is checked before anything changes: a module the file names that ``model`` lacks, a base weight of
@@ -270,33 +286,78 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, al
     path = Path(path)
     remove_stale_temporaries(path)
     tensors, metadata = read_safetensors(path)
-    modules, counts, _ = _parse_metadata(path, metadata)
+    modules, counts, bias = _parse_metadata(path, metadata)
+    named = adapter_name is not None and check_name(adapter_name) != DEFAULT
     problems: list[str] = []
     present = dict(model.named_modules())
     for name, info in modules.items():
         if name not in present:
             problems.append(f"{name}: missing from {type(model).__name__} (expected a {info['kind']} over a base "
                             f"weight of shape {tuple(info['base_shape'])}, found no such module)")
+        elif named:
+            _check_module_named(name, info, present[name], problems)
         else:
             _check_module(name, info, present[name], problems)
+    if named and (bias != "none" or any(k == "bias" or k.endswith(".bias") for k in tensors)):
+        problems.append(f"the file holds biases (saved with bias={bias!r}); every adapter shares the base's biases, "
+                        f"so only a default adapter (adapter_name=None) may carry them")
     for leaf_name, n in counts.items():
         have = sum(1 for m in present if leaf(m) == leaf_name)
         if have != n:
             problems.append(f"*.{leaf_name}: the adapter's base had {n} such modules, {type(model).__name__} has {have}")
     if strict:
         for name, m in present.items():
-            if has_adapter(m) and name not in modules:
-                problems.append(f"{name}: has LoRA in the model but not in the adapter file (strict=True)")
+            if (adapter_name in slots(m) if named else has_adapter(m)) and name not in modules:
+                which = f"adapter {adapter_name!r}" if named else "LoRA"
+                problems.append(f"{name}: has {which} in the model but not in the adapter file (strict=True)")
     if not problems:
         _check_tensors(tensors, modules, present, problems, allow_nonfinite)
     if problems:
         raise ValueError(f"adapter {str(path)!r} does not fit {type(model).__name__} ({len(problems)} problem"
                          f"{'s' if len(problems) > 1 else ''}); nothing was changed:\n  " + "\n  ".join(problems))
 
+    if named:  # plain modules become LoRA layers without a default adapter (r=0), then get the named one
+        swap_in(model, {n: (KINDS[info["kind"]], {**KINDS[info["kind"]].rebuild_kwargs(info), "r": 0})
+                        for n, info in modules.items() if not is_lora_layer(present[n])})
+        for n, info in modules.items():
+            layer = model.get_submodule(n)
+            put_slot(layer, adapter_name, info["r"], info["lora_alpha"], info.get("use_rslora", False),
+                     {p: tensors[f"{n}.{p}" if n else p] for p in ("lora_A", "lora_B")})
+        return list(modules)
     swap_in(model, {n: (KINDS[info["kind"]], KINDS[info["kind"]].rebuild_kwargs(info))
                     for n, info in modules.items() if not is_lora_layer(present[n])})
     _assign(model, modules, tensors)
     return list(modules)
+
+
+def _check_module_named(name: str, info: dict[str, Any], module: nn.Module, problems: list[str]) -> None:
+    """As :func:`_check_module`, for a named adapter: any rank; the layer kind must serve named adapters."""
+    kind = KINDS[info["kind"]]
+    if not supports_named(kind):
+        problems.append(f"{name}: named adapters run on Linear / MergedLinear layers, this one is a {info['kind']}")
+        return
+    if info.get("use_dora") or is_mutating_init(info.get("init_lora_weights", "default")):
+        problems.append(f"{name}: named adapters are plain LoRA; this file holds DoRA or a PiSSA / OLoRA adapter "
+                        f"(save it with convert_to_lora=True, or load it as the default adapter)")
+        return
+    if is_lora_layer(module) and not supports_named(module):
+        problems.append(f"{name}: its default adapter is DoRA or PiSSA / OLoRA; named adapters need plain LoRA layers")
+        return
+    if not is_lora_layer(module):
+        _check_module(name, info, module, problems)
+        return
+    if type(module) is not kind:
+        problems.append(f"{name}: expected a {info['kind']}, found a {type(module).__name__}")
+        return
+    if module.merged:
+        problems.append(f"{name}: is merged; unmerge_lora(model) before loading an adapter into it")
+    if list(module.weight.shape) != info["base_shape"]:
+        problems.append(f"{name}: base weight shape expected {tuple(info['base_shape'])}, found "
+                        f"{tuple(module.weight.shape)}")
+    if bool(module.fan_in_fan_out) != bool(info.get("fan_in_fan_out", False)):
+        problems.append(f"{name}: fan_in_fan_out expected {info.get('fan_in_fan_out', False)}, found "
+                        f"{module.fan_in_fan_out}")
+    problems.extend(f"{name}: {p}" for p in module.mismatches({**info, "r": module.r}))  # slices, not the rank
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str, Any]],

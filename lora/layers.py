@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from .base import LoRABase, LoRALayer, check_lora_args, has_adapter, is_lora_layer
 from .functional import _wide, fused_lora_conv, fused_lora_linear  # _wide: fp32, or fp64 if it is
+from .adapters import is_routed, routed_forward
 
 __all__ = ["LoRALayer", "LoRABase", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
            "is_lora_layer", "KINDS", "kind_for"]
@@ -286,6 +287,8 @@ class Linear(_LinearKind, nn.Linear):
         return self._delta_out_in([(0, self.out_features, self.lora_A, self.lora_B)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_routed(self):  # another adapter than the default, or a mixed batch (lora.adapters)
+            return routed_forward(self, x)
         if self.merged or not has_adapter(self):
             return F.linear(x, self._weight_out_in(), self.bias)
         if self.use_dora:
@@ -432,6 +435,8 @@ class MergedLinear(_LinearKind, nn.Linear):
         return A, B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if is_routed(self):  # another adapter than the default, or a mixed batch (lora.adapters)
+            return routed_forward(self, x)
         if self.merged or not has_adapter(self):
             return F.linear(x, self._weight_out_in(), self.bias)
         if self.use_dora:

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ._io import atomic_write, write_safetensors
+from .adapters import DEFAULT, adapter_view, check_name, put_slot, slots, supports_named
 from .base import has_adapter, is_lora_layer, is_mutating_init
 from .checkpoint import adapted_modules, leaf, read_safetensors, swap_in
 from .layers import KINDS, kind_for
@@ -47,8 +48,18 @@ def _number(x: float) -> int | float:
 
 def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None,
                 uniform_rank: bool = False, task_type: str | None = "CAUSAL_LM",
-                convert_to_lora: bool = False) -> dict[str, Any]:
+                convert_to_lora: bool = False, adapter_name: str | None = None) -> dict[str, Any]:
     """Write ``adapter_model.safetensors`` + ``adapter_config.json`` that PEFT (0.21+) loads onto the same base.
+
+    With several adapters (:mod:`lora.adapters`) ``adapter_name`` picks the one exported (default: ``"default"``).
+    """
+    with adapter_view(model, adapter_name):
+        return _export_peft(model, out_dir, base_model_name_or_path, uniform_rank, task_type, convert_to_lora)
+
+
+def _export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
+                 uniform_rank: bool, task_type: str | None, convert_to_lora: bool) -> dict[str, Any]:
+    """:func:`export_peft` of the (single) default adapter.
 
     ``Linear``/``Embedding``/``Conv`` layers export one to one. A per-slice ``MergedLinear`` with ``k`` enabled
     slices exports as one rank ``r * k`` LoRA over the fused matrix: ``lora_A`` stacked, ``lora_B``
@@ -198,8 +209,14 @@ def _check_peft_config(cfg_path: Path, cfg: Any) -> None:
                       f"PEFT?); check that none of them changes what the adapter computes", stacklevel=3)
 
 
-def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool = True) -> list[str]:
+def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool = True,
+                adapter_name: str | None = None) -> list[str]:
     """Load a PEFT LoRA adapter directory onto ``model`` (this library's layers); return the adapted names.
+
+    ``adapter_name`` (other than ``"default"``) imports it as a named adapter (:mod:`lora.adapters`) into
+    ``lora.Linear`` layers (plain ``nn.Linear`` modules are injected without a default adapter first); PEFT's is one
+    LoRA over each whole matrix, so a per-slice ``MergedLinear`` cannot hold it (inject Phi-3 with ``fused=True``).
+    Loading into a name that exists with the same shapes copies the values in place.
 
     Each module with tensors in the file becomes a :class:`lora.Linear` / ``Embedding`` / ``Conv`` with PEFT's rank
     and scaling (from ``r``/``lora_alpha``/``use_rslora`` and the patterns, looked up as PEFT does); which modules
@@ -219,6 +236,7 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool =
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{str(cfg_path)!r} is not valid JSON ({e})") from e
     _check_peft_config(cfg_path, cfg)
+    named = adapter_name is not None and check_name(adapter_name) != DEFAULT
     tensors = _read_peft_tensors(adapter_dir)
 
     present = dict(model.named_modules())
@@ -244,10 +262,21 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool =
             problems.append(f"{name}: adapter_config.json says use_dora={use_dora} but the adapter "
                             f"{'lacks' if use_dora else 'has'} its lora_magnitude_vector")
             continue
-        if is_lora_layer(module):
-            problems.append(f"{name}: already has LoRA; import a PEFT adapter into the plain base model")
+        if named and use_dora:
+            problems.append(f"{name}: named adapters are plain LoRA; import a DoRA adapter as the default adapter")
             continue
-        kind = kind_for(module)
+        if named and is_lora_layer(module) and not supports_named(module):
+            problems.append(f"{name}: its default adapter is DoRA or PiSSA / OLoRA; named adapters need plain LoRA layers")
+            continue
+        if is_lora_layer(module) and not (named and type(module) is KINDS["Linear"]):
+            problems.append(f"{name}: already has LoRA; import a PEFT adapter into the plain base model" if not named
+                            else f"{name}: is a {type(module).__name__}; a named PEFT adapter (one LoRA over the whole "
+                                 f"matrix) goes into a plain nn.Linear or a lora.Linear (Phi-3: inject fused=True)")
+            continue
+        kind = KINDS["Linear"] if is_lora_layer(module) else kind_for(module)
+        if named and kind is not KINDS["Linear"]:
+            problems.append(f"{name}: is a {type(module).__name__}; named adapters run on linear layers only")
+            continue
         if kind is None:
             adaptable = sorted({k.adapts.__name__ for k in KINDS.values()})
             problems.append(f"{name}: is a {type(module).__name__}; only {', '.join('nn.' + a for a in adaptable)} "
@@ -282,13 +311,21 @@ def import_peft(model: nn.Module, adapter_dir: str | os.PathLike, strict: bool =
             "lora_dropout": float(cfg.get("lora_dropout", 0.0)), "lora_dtype": ab["A"].dtype})
     if strict:
         for name, m in present.items():
-            if has_adapter(m) and name not in per_module:
-                problems.append(f"{name}: has LoRA in the model but not in the adapter (strict=True)")
+            if (adapter_name in slots(m) if named else has_adapter(m)) and name not in per_module:
+                which = f"adapter {adapter_name!r}" if named else "LoRA"
+                problems.append(f"{name}: has {which} in the model but not in the adapter (strict=True)")
     if not per_module and not problems:
         problems.append("the adapter holds no LoRA tensors")
     if problems:
         raise ValueError(f"PEFT adapter {str(adapter_dir)!r} does not fit {type(model).__name__} ({len(problems)} "
                          f"problem{'s' if len(problems) > 1 else ''}); nothing was changed:\n  " + "\n  ".join(problems))
+    if named:  # plain modules become lora.Linear without a default adapter (r=0), then get the named one
+        swap_in(model, {n: (kind, {**kw, "r": 0}) for n, (kind, kw) in plan.items() if not is_lora_layer(present[n])})
+        for name, ab in per_module.items():
+            kw = plan[name][1]
+            put_slot(model.get_submodule(name), adapter_name, kw["r"], kw["lora_alpha"], kw["use_rslora"],
+                     {"lora_A": ab["A"], "lora_B": ab["B"]})
+        return list(per_module)
     swap_in(model, plan)
     for name, ab in per_module.items():
         model.get_submodule(name).load_peft(ab["A"], ab["B"], ab.get("M"))

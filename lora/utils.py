@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn as nn
 
+from .adapters import AdapterSlot, active_adapter, adapter_names, as_default, promote_active
 from .base import LoRABase, has_adapter, is_lora_layer
 from .layers import Embedding
 
@@ -54,13 +55,14 @@ def lora_parameter_names(model: nn.Module, bias: str = "none") -> list[str]:
     """Names (as in ``model.named_parameters()``/``state_dict()``) of the parameters a LoRA run trains and saves.
 
     ``bias='none'``: the LoRA parameters of LoRA layers. ``'all'``: those and every parameter named exactly
-    ``bias``. ``'lora_only'``: those and the ``bias`` of LoRA layers.
+    ``bias``. ``'lora_only'``: those and the ``bias`` of LoRA layers. Named adapters (:mod:`lora.adapters`) are
+    LoRA parameters too: ``<layer>.lora_adapters.<name>.lora_A`` / ``lora_B``.
     """
     _check_bias(bias)
     names = []
     for mod_name, module in model.named_modules():
         lora = is_lora_layer(module)
-        wanted = _lora_params_of(module) if lora else ()
+        wanted = _lora_params_of(module) if lora else _LORALIB_PARAMS if isinstance(module, AdapterSlot) else ()
         for p_name, p in module.named_parameters(recurse=False):
             if p is None:
                 continue
@@ -124,17 +126,23 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     above the model's own at any time is one layer's fp32 delta. The merged weights are the LoRA layers' own
     Parameter objects, adopted by the plain layers (no copy). ``safe`` (default) checks every merged weight for
     inf/nan before anything changes. If ``model`` itself is a LoRA layer, the plain layer is returned. LoRA layers
-    of other libraries (loralib-style subclasses) are left as they are.
+    of other libraries (loralib-style subclasses) are left as they are. With several adapters
+    (:mod:`lora.adapters`) the active one is merged (none after ``set_adapter(model, None)``) and the others are
+    dropped.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRABase)]
     for name, m in layers:  # check before merging: a refusal must leave the model as it was
         if m.fan_in_fan_out:
             raise ValueError(f"merge_and_unload cannot turn the fan_in_fan_out layer {name or type(m).__name__!r} "
                              f"into {m.adapts.__name__}; merge_lora it instead")
-    if safe:
-        _check_mergeable([(n, m) for n, m in layers if has_adapter(m)])
+    active = active_adapter(model)
+    if safe and active in adapter_names(model):
+        with as_default(model, active):  # check the adapter that will be merged
+            _check_mergeable([(n, m) for n, m in layers if has_adapter(m)])
     for name, m in layers:
-        m.merge(safe=False, exact_unmerge=False)
+        if not m.merged and promote_active(m):  # the active adapter (lora.set_adapter) becomes the one merged
+            m.__dict__.pop("active_adapter", None)
+            m.merge(safe=False, exact_unmerge=False)
         m._merge_record = None  # a layer merged earlier by merge_lora: its record is no longer needed
         plain = m.to_plain()
         if not name:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lora._io import atomic_write
+from lora.adapters import adapter_batch
 from lora.data import causal_lm_loss
 from lora.phi3.config import Phi3Config
 
@@ -375,14 +376,20 @@ class Phi3ForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        adapter_names: list[str | None] | None = None,
     ) -> CausalLMOutput:
         """input_ids: (B, T) token ids; attention_mask: (B, past + T) of 1/0 (left or right padding);
         position_ids: (B or 1, T), default ``past + arange(T)``; labels: (B, T), ``-100`` ignored.
+        ``adapter_names``: one LoRA adapter name (or None: the base) per row, a mixed batch
+        (:func:`lora.adapter_batch`; PEFT calls this argument the same).
 
         The loss is transformers' (:func:`lora.data.causal_lm_loss`): labels shifted left by one, mean
         cross-entropy over non-ignored tokens, in fp32.
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generation).
         """
+        if adapter_names is not None:
+            with adapter_batch(self, adapter_names):
+                return self(input_ids, attention_mask, position_ids, labels, past_key_values, use_cache, logits_to_keep)
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         if logits_to_keep:
             if labels is not None:
@@ -429,6 +436,7 @@ class Phi3ForCausalLM(nn.Module):
         use_cache: bool = True,
         generator: torch.Generator | None = None,
         streamer: Callable[[Tensor], None] | None = None,
+        adapter_names: list[str | None] | None = None,
     ) -> Tensor:
         """Extend ``input_ids`` (B, T) by up to ``max_new_tokens``; returns (B, T + generated) token ids.
 
@@ -436,8 +444,12 @@ class Phi3ForCausalLM(nn.Module):
         top-``top_p`` nucleus. Rows that produced an end token (``eos_token_id``, default the config's) continue with
         ``pad_token_id``; generation stops when every row has ended. ``attention_mask`` (B, T) marks left padding;
         positions then count real tokens only, as in transformers' ``generate``. ``streamer`` gets each new (B,)
-        token tensor.
+        token tensor. ``adapter_names``: one LoRA adapter (or None) per row, as in :meth:`forward`.
         """
+        if adapter_names is not None:
+            with adapter_batch(self, adapter_names):  # one block for every step: the adapters are stacked once
+                return self.generate(input_ids, max_new_tokens, temperature, top_p, eos_token_id, attention_mask,
+                                     use_cache, generator, streamer)
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:

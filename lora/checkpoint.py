@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from ._io import atomic_write, remove_stale_temporaries, write_safetensors
 from .base import LoRABase, has_adapter, is_lora_layer
+from .distributed import is_sharded, is_writer
 from .layers import KINDS
 from .utils import BIAS_MODES, lora_state_dict
 
@@ -60,7 +61,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none") -> 
 
     Atomic (a temporary file renamed over ``path``; stale temporaries of killed writers are removed), reproducible
     (equal tensors and settings give equal bytes), written through a symlink to its target, and refused with a
-    ``PermissionError`` over a read-only file.
+    ``PermissionError`` over a read-only file. On a sharded (FSDP2) model every rank must call it: the LoRA
+    parameters are gathered whole, and rank 0 writes the file.
     """
     modules = adapted_modules(model)
     if not modules:
@@ -75,6 +77,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none") -> 
         "modules": json.dumps({n: m.describe() for n, m in modules.items()}, sort_keys=True),
         "target_counts": json.dumps(dict(sorted(counts.items()))),
     }
+    if is_sharded(model) and not is_writer():
+        return
     atomic_write(path, lambda tmp: write_safetensors(tmp, state, metadata))
 
 

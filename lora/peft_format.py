@@ -21,6 +21,7 @@ import torch.nn as nn
 from ._io import atomic_write, write_safetensors
 from .base import has_adapter, is_lora_layer
 from .checkpoint import adapted_modules, leaf, read_safetensors, swap_in
+from .distributed import gathered_lora, is_sharded, is_writer
 from .layers import KINDS, kind_for
 
 __all__ = ["PEFT_PREFIX", "export_peft", "import_peft"]
@@ -56,8 +57,17 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     ``uniform_rank=True`` every module is zero-padded to the largest rank instead, for serving tools that read only
     ``r`` and ``lora_alpha`` (vLLM, llama.cpp; see ``docs/formats.md``). rsLoRA is folded into ``lora_alpha`` (the file says ``use_rslora: false``).
     Layer options PEFT computes differently (grouped or dilated convolutions, ``padding_mode``, an embedding's
-    ``max_norm``) are a ``ValueError`` before anything is written. Returns the config written.
+    ``max_norm``) are a ``ValueError`` before anything is written. Returns the config written. On a sharded
+    (FSDP2) model every rank must call it: the LoRA parameters are gathered whole, and rank 0 writes the files.
     """
+    if is_sharded(model):
+        with gathered_lora(model):
+            return _export_peft(model, out_dir, base_model_name_or_path, uniform_rank, task_type, write=is_writer())
+    return _export_peft(model, out_dir, base_model_name_or_path, uniform_rank, task_type)
+
+
+def _export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
+                 uniform_rank: bool, task_type: str | None, write: bool = True) -> dict[str, Any]:
     modules = adapted_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA layer with r > 0: nothing to export")
@@ -102,6 +112,8 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if not write:
+        return config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "adapter_model.safetensors", lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))

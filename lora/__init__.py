@@ -20,7 +20,7 @@ from .utils import (
     unmerge_lora,
 )
 
-from . import data, phi3  # noqa: E402  (lora.data, lora.phi3.inject etc.; import torch only)
+from . import data, distributed, phi3  # noqa: E402  (lora.data, lora.distributed, lora.phi3.inject etc.; import torch only)
 
 __version__ = "0.1.0"
 
@@ -47,5 +47,6 @@ __all__ = [
     "export_peft",
     "import_peft",
     "data",
+    "distributed",
     "phi3",
 ]

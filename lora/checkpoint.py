@@ -29,7 +29,7 @@ from safetensors import safe_open
 
 from ._io import atomic_write, remove_stale_temporaries, write_safetensors
 from .base import LoRABase, has_adapter, is_lora_layer
-from .distributed import is_sharded, is_writer
+from .distributed import copy_full_into, is_sharded, is_writer
 from .layers import KINDS
 from .utils import BIAS_MODES, lora_state_dict
 
@@ -236,7 +236,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, al
     ``strict``) LoRA layers in ``model`` that the file does not cover all go into one ``ValueError`` that lists
     every mismatch, and ``model`` is left untouched. LoRA hyper-parameters (alpha, rsLoRA) are taken from the file;
     into LoRA layers already in place the tensors are copied in those layers' dtype. Modules are matched by exact
-    name (never by suffix, unlike :func:`lora.inject`).
+    name (never by suffix, unlike :func:`lora.inject`). Into a sharded (FSDP2) model each rank copies its own part
+    of every tensor (every rank reads the file; no communication).
     """
     path = Path(path)
     remove_stale_temporaries(path)
@@ -312,6 +313,6 @@ def _assign(model: nn.Module, modules: dict[str, dict[str, Any]], tensors: dict[
     with torch.no_grad():
         for key, t in tensors.items():
             mod, _, p = key.rpartition(".")
-            model.get_submodule(mod)._parameters[p].copy_(t)
+            copy_full_into(model.get_submodule(mod)._parameters[p], t)  # a DTensor shard keeps its part
     for name, info in modules.items():
         model.get_submodule(name).set_scaling(info["lora_alpha"], info.get("use_rslora", False))

@@ -34,6 +34,7 @@ __all__ = [
     "shard",
     "load_into_shards",
     "init_lora",
+    "copy_full_into",
 ]
 
 if torch.distributed.is_available():
@@ -194,14 +195,20 @@ def init_lora(model: nn.Module) -> list[str]:
         finally:
             m._parameters.update(sharded)
         for n, p in sharded.items():
-            if _is_dtensor(p):
-                local = p.to_local()
-                local.copy_(
-                    distribute_tensor(
-                        full[n].to(local.device), p.device_mesh, p.placements, src_data_rank=None
-                    ).to_local()
-                )
-            else:
-                p.copy_(full[n])
+            copy_full_into(p, full[n])
         done.append(name)
     return done
+
+
+@torch.no_grad()
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """``param.copy_(full)``, where ``param`` may be a ``DTensor`` shard: it then keeps its own part of ``full``
+    (the full value, identical on every rank; no communication)."""
+    if _is_dtensor(param):
+        local = param.to_local()
+        part = distribute_tensor(
+            full.to(local.device, local.dtype), param.device_mesh, param.placements, src_data_rank=None
+        )
+        local.copy_(part.to_local())
+    else:
+        param.copy_(full)

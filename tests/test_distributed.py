@@ -35,6 +35,22 @@ def _config() -> Phi3Config:
     )
 
 
+def _medium() -> Phi3ForCausalLM:
+    """Phi-3-medium-4k (its published config.json's shape), bf16 base and LoRA as finetune_phi3.py, on meta."""
+    config = Phi3Config(
+        hidden_size=5120,
+        intermediate_size=17920,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=10,
+        vocab_size=32064,
+    )
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config).to(torch.bfloat16)
+    lora.phi3.inject(model, r=16, lora_alpha=32)
+    return model
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -84,6 +100,13 @@ def _worker(rank: int, world: int, port: int, model_dir: Path, out: Path) -> Non
             except ValueError as err:
                 (out / f"{fn.__name__}-error-{rank}.txt").write_text(str(err))
         assert lora_dist.is_sharded(model)  # the refusals changed nothing
+        # the real-size Phi-3-medium, sharded on the meta device: nothing is allocated
+        medium = _medium()
+        lora_dist.shard(medium, medium.model.layers)
+        local = sum(p.to_local().numel() * p.element_size() for p in medium.parameters())
+        torch.save(
+            {"local": local, "device": str(next(medium.parameters()).to_local().device)}, out / f"medium-{rank}.pt"
+        )
     except BaseException:
         (out / f"failed-{rank}.txt").write_text(traceback.format_exc())
         raise
@@ -163,6 +186,17 @@ def test_merge_on_sharded_model_is_refused_naming_the_way(sharded_run):
         for rank in range(2):
             text = (sharded_run / f"{fn}-error-{rank}.txt").read_text()
             assert "sharded" in text and "lora.save_lora" in text and f"{fn}(base)" in text
+
+
+def test_phi3_medium_plan_on_two_ranks_holds_half_the_bytes_each(sharded_run):
+    model = _medium()  # unsharded, on meta: the whole model's bytes
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert 27e9 < total < 29e9  # 14B parameters in bf16
+    per_rank = [torch.load(sharded_run / f"medium-{r}.pt", weights_only=True) for r in range(2)]
+    for got in per_rank:
+        assert got["device"] == "meta"
+        assert abs(got["local"] / total - 0.5) < 1e-3  # half, up to FSDP2's padding of odd row counts
+    assert per_rank[0]["local"] + per_rank[1]["local"] >= total
 
 
 def test_unsharded_model_is_not_sharded(model_dir):

@@ -589,12 +589,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_settings(argv)
     cfg, lcfg = args.training_config, args.lora_config
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts; FSDP2's device mesh uses the current device
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    elif cfg["fsdp"]:  # FSDP2 shards over a process group, even of one process (python finetune_phi3.py --fsdp)
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    elif cfg["fsdp"] and not dist.is_initialized():  # FSDP2 needs a process group, even of one process
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     warn = (lambda line: print(line, file=sys.stderr)) if is_main else (lambda line: None)

@@ -202,3 +202,41 @@ def test_phi3_medium_plan_on_two_ranks_holds_half_the_bytes_each(sharded_run):
 def test_unsharded_model_is_not_sharded(model_dir):
     model = Phi3ForCausalLM.from_pretrained(model_dir)
     assert not lora_dist.is_sharded(model) and lora_dist.is_writer()
+
+
+def _plain(model_dir: Path) -> Phi3ForCausalLM:
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(Phi3Config.from_json_file(model_dir / "config.json"))
+    return model.to_empty(device="cpu")
+
+
+def test_load_into_shards_unsharded_equals_from_pretrained(model_dir):
+    model = _plain(model_dir)
+    lora.phi3.inject(model, **SETTINGS)
+    lora_dist.load_into_shards(model, [model_dir / "model.safetensors"])
+    reference = Phi3ForCausalLM.from_pretrained(model_dir)
+    for name, p in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], p), name
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        ("extra", "'extra.weight' is not a parameter or buffer of Phi3ForCausalLM"),
+        ("shape", r"'lm_head.weight' has shape \(66, 24\), the model's is \(67, 24\)"),
+        ("missing", "no file holds 1 parameter"),
+    ],
+)
+def test_load_into_shards_names_what_does_not_fit(model_dir, tmp_path, change, match):
+    from safetensors.torch import save_file
+
+    tensors = _tensors(model_dir / "model.safetensors")
+    if change == "extra":
+        tensors["extra.weight"] = torch.zeros(2)
+    elif change == "shape":
+        tensors["lm_head.weight"] = tensors["lm_head.weight"][:66].clone()
+    else:
+        del tensors["model.norm.weight"]
+    save_file(tensors, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=match):
+        lora_dist.load_into_shards(_plain(model_dir), [tmp_path / "bad.safetensors"])

@@ -4,6 +4,7 @@ The reference is the ordinary (unsharded) one-process run with the same global b
 normalisation give the same losses, and the adapter files agree to fp32 rounding.
 """
 
+import importlib.util
 import json
 import os
 import shutil
@@ -21,6 +22,9 @@ from lora.phi3 import ByteTokenizer, Phi3Config, Phi3ForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "finetune_phi3.py"
 WORLD_CHATS = ROOT / "examples" / "data" / "world_chat_train.jsonl"
+spec = importlib.util.spec_from_file_location("finetune_phi3", SCRIPT)
+finetune = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(finetune)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 # 10 steps, a checkpoint at 5 (resumed below) and at 10. lr 1e-4 (a real Phi-3 LoRA's order): Adam divides each
 # gradient element by its own running norm, so an element whose gradient is near zero turns fp32 rounding (2 ranks
@@ -70,9 +74,9 @@ def _free_port() -> int:
 
 
 def _run(nproc: int, model: Path, data: Path, out: Path, *extra: str) -> None:
-    """The example with ``nproc`` processes (torchrun) and a global batch of 8 conversations per micro-batch."""
+    """The example with ``nproc`` processes and a global batch of 8 conversations per micro-batch: 2 under
+    torchrun, 1 in this process (``--fsdp`` then shards over a process group of one)."""
     argv = [
-        str(SCRIPT),
         "--model",
         str(model),
         "--data",
@@ -84,9 +88,14 @@ def _run(nproc: int, model: Path, data: Path, out: Path, *extra: str) -> None:
         str(8 // nproc),
         *extra,
     ]
-    if nproc > 1:
-        argv = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", *argv]
-    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=ENV, timeout=300)
+    if nproc == 1:
+        finetune.main(argv)
+        assert not torch.distributed.is_initialized()
+        return
+    torchrun = ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}"]
+    done = subprocess.run(
+        [sys.executable, *torchrun, str(SCRIPT), *argv], capture_output=True, text=True, env=ENV, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
 
 

@@ -592,9 +592,10 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before NCCL starts; FSDP2's device mesh uses the current device
+    own_group = distributed or (cfg["fsdp"] and not dist.is_initialized())  # ours to start, and to end
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    elif cfg["fsdp"] and not dist.is_initialized():  # FSDP2 needs a process group, even of one process
+    elif own_group:  # FSDP2 needs a process group, even of one process
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
@@ -674,7 +675,7 @@ def main(argv: list[str] | None = None) -> dict:
         if position["step"] >= total_steps and (run / "results.json").is_file():
             say(f"{run}: already complete ({resume_from.name} is step {position['step']} of {total_steps}); nothing "
                 "to do. --overwrite_output_dir starts it over")
-            if dist.is_initialized():
+            if own_group:
                 dist.destroy_process_group()
             return json.loads((run / "results.json").read_text())
         say(f"resumed from {resume_from} at step {position['step']}")
@@ -775,7 +776,7 @@ def main(argv: list[str] | None = None) -> dict:
         (run / "results.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=2, default=str) + "\n")
         list_outputs(run, say)
         say(f"chat with the result:\n  {chat_command(run, args.model, cfg)}")
-    if dist.is_initialized():
+    if own_group:
         dist.destroy_process_group()
     return results
 

@@ -153,3 +153,10 @@ def test_fsdp_checkpoint_resumes_with_any_number_of_processes(runs, tiny_model, 
     a, b = _tensors(run / "adapter.safetensors"), _tensors(runs / "fsdp2" / "adapter.safetensors")
     for k in a:
         assert (a[k] - b[k]).abs().max() <= 1e-6, k
+
+
+@pytest.mark.parametrize("flag, match", [("--merge", "does not merge"), ("--full_finetune", "trains LoRA adapters")])
+def test_fsdp_refuses_what_needs_the_whole_model(flag, match):
+    with pytest.raises(finetune.UsageError, match=f"--fsdp on: {match}"):
+        finetune.parse_settings(["--fsdp", flag])
+    assert "shard the model over the processes with FSDP2" in finetune.build_parser().format_help()

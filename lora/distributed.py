@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -37,14 +38,12 @@ __all__ = [
     "copy_full_into",
 ]
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
-else:  # a torch build without torch.distributed has no DTensor: nothing is ever sharded
-    DTensor = Shard = distribute_tensor = None
-
 
 def _is_dtensor(t: object) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # A DTensor exists only once torch.distributed.tensor was imported (by FSDP2, or whoever made it): look it up
+    # there rather than import it here, which would add a second to every ``import lora``.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -110,9 +109,11 @@ def shard(model: nn.Module, blocks: Iterable[nn.Module], **fsdp_kwargs) -> nn.Mo
     return model
 
 
-def _local_rows(p: DTensor) -> tuple[int, int] | None:
+def _local_rows(p: torch.Tensor) -> tuple[int, int] | None:
     """``(start, stop)`` of the dim-0 rows of the full tensor that this rank's shard of ``p`` holds, for a
     ``Shard(0)`` placement on a 1-D mesh (FSDP2's), following ``torch.chunk`` as ``Shard`` does; else ``None``."""
+    from torch.distributed.tensor import Shard
+
     if p.device_mesh.ndim != 1 or p.placements != (Shard(0),):
         return None
     n, parts, rank = p.shape[0], p.device_mesh.size(), p.device_mesh.get_local_rank()
@@ -152,6 +153,8 @@ def load_into_shards(model: nn.Module, files: Sequence[str | os.PathLike], skip:
                     if rows is not None:
                         part = sliced[rows[0] : rows[1]]
                     else:
+                        from torch.distributed.tensor import distribute_tensor
+
                         part = distribute_tensor(
                             f.get_tensor(key), p.device_mesh, p.placements, src_data_rank=None
                         ).to_local()
@@ -205,6 +208,8 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """``param.copy_(full)``, where ``param`` may be a ``DTensor`` shard: it then keeps its own part of ``full``
     (the full value, identical on every rank; no communication)."""
     if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
         local = param.to_local()
         part = distribute_tensor(
             full.to(local.device, local.dtype), param.device_mesh, param.placements, src_data_rank=None

@@ -3,6 +3,7 @@
     python examples/finetune_phi3.py                                   # built-in tiny Phi-3 and chat data, CPU
     python examples/finetune_phi3.py --model path/to/Phi-3-mini-4k-instruct --data my_chats.jsonl --bf16
     torchrun --nproc_per_node=2 examples/finetune_phi3.py ...           # DistributedDataParallel (gloo / nccl)
+    torchrun --nproc_per_node=8 examples/finetune_phi3.py --fsdp ...    # FSDP2: the model sharded over the GPUs
     python examples/finetune_phi3.py --output_dir runs/x --resume       # continue from the latest checkpoint
 
 Settings come in two groups, as in the Phi-3 CookBook's LoRA recipe: ``training_config`` and ``lora_config``
@@ -44,6 +45,7 @@ import lora
 from lora.data import causal_lm_loss, count_targets
 from lora.phi3 import (
     IGNORE_INDEX,
+    Phi3Config,
     QKV_SLICES,
     TARGETS,
     Phi3ForCausalLM,
@@ -55,6 +57,8 @@ from lora.phi3 import (
     split_train_eval,
     tokenize_conversation,
 )
+from lora.phi3.model import Phi3RotaryEmbedding
+from lora.phi3.model import _weight_files as weight_files
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,6 +96,7 @@ training_config = dict(
     max_new_tokens=64,
     full_finetune=False,  # train every weight instead of LoRA (for comparison)
     merge=False,  # also write a merged model in Hugging Face layout
+    fsdp=False,  # shard the model over the processes with FSDP2 (docs/distributed.md), instead of DDP's copies
 )
 lora_config = dict(
     r=16,
@@ -136,6 +141,8 @@ setting_help = {
     "max_new_tokens": ("output", "longest reply generated for the samples and held-out questions"),
     "full_finetune": ("training", "train every weight instead of LoRA (for comparison); writes model/"),
     "merge": ("output", "also write merged/: a Hugging Face-layout model with the adapter merged in"),
+    "fsdp": ("training", "shard the model over the processes with FSDP2 (fully_shard) instead of copying it (DDP); "
+                         "see docs/distributed.md"),
     "r": ("lora", "LoRA rank"),
     "lora_alpha": ("lora", "the LoRA update is scaled by lora_alpha / r"),
     "lora_dropout": ("lora", "dropout on the LoRA branch's input"),
@@ -267,6 +274,10 @@ def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
         if not ok:
             raise UsageError(f"{origin[key]}: {why}")
 
+    need(not (cfg["fsdp"] and cfg["full_finetune"]), "fsdp", "trains LoRA adapters; --full_finetune is not supported "
+         "with it")
+    need(not (cfg["fsdp"] and cfg["merge"]), "fsdp", "does not merge (that needs the whole model in one process): "
+         "merge adapter.safetensors afterwards with lora.load_lora and lora.merge_and_unload")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "logging_steps", "eval_steps", "save_steps", "max_new_tokens"):
         need(cfg[key] >= 1, key, "must be >= 1")
@@ -396,6 +407,28 @@ def qa_accuracy(model, tokenizer, qa: list[dict], cfg: dict, device) -> tuple[di
     return scores, got
 
 
+# ----------------------------------------------------------------------------------------------------- FSDP2
+
+
+def sharded_model(model_dir: Path, dtype: torch.dtype, lcfg: dict, device: torch.device):
+    """Phi-3 with LoRA, sharded over the processes with FSDP2, never whole in any of them: built on the meta device,
+    LoRA injected, each decoder layer and then the root ``fully_shard``-ed, and each rank's rows of every weight read
+    from the memory-mapped safetensors files. The base is frozen in ``dtype``, the LoRA parameters fp32 (over a
+    16-bit base) and initialised with the same values as an unsharded run with the same seed."""
+    config = Phi3Config.from_json_file(model_dir / "config.json")
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config).to(dtype)
+    lora.phi3.inject(model, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=lcfg["lora_dropout"],
+                     targets=tuple(lcfg["targets"]), qkv_slices=tuple(lcfg["qkv_slices"]), fused=lcfg["fused"])
+    lora.distributed.shard(model, model.model.layers)
+    model.to_empty(device=device)
+    tied = ["lm_head.weight"] if config.tie_word_embeddings else []  # the embedding's, as from_pretrained ties it
+    lora.distributed.load_into_shards(model, weight_files(model_dir), skip=tied)
+    model.model.rotary_emb = Phi3RotaryEmbedding(config, device=device)  # derived buffers: not in the checkpoint
+    lora.distributed.init_lora(model)
+    return model
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 # What a run directory holds: the end-of-run listing describes each, and --overwrite_output_dir clears these only.
@@ -421,7 +454,8 @@ def run_settings(args: argparse.Namespace, cfg: dict, lcfg: dict, world: int) ->
         "model": str(args.model.resolve()),
         "data": _digest(args.data, "--data"),
         "eval_data": _digest(args.eval_data, "--eval_data") if args.eval_data is not None else None,
-        "training_config": {k: cfg[k] for k in keys} | {"global_batch_size": cfg["per_device_train_batch_size"] * world},
+        "training_config": {k: cfg[k] for k in keys} | {"global_batch_size": cfg["per_device_train_batch_size"] * world}
+                           | ({"fsdp": True} if cfg["fsdp"] else {}),  # its optimizer state is keyed by name
         "lora_config": None if cfg["full_finetune"] else lcfg,
     }
 
@@ -495,15 +529,21 @@ def clear_run_dir(run: Path) -> None:
 
 def save_checkpoint(run: Path, model, optimizer, scheduler, position: dict, cfg: dict, settings: dict) -> Path:
     """Write ``checkpoints/step-N`` atomically (a temporary directory renamed into place), with the run's settings
-    for ``--resume`` to check; keep the newest N."""
+    for ``--resume`` to check; keep the newest N. With ``--fsdp`` every rank calls it (the adapter and optimizer
+    state are gathered from the shards) and rank 0 writes."""
     ckpt_root = run / "checkpoints"
     final = ckpt_root / f"step-{position['step']:07d}"
     tmp = ckpt_root / f".tmp-step-{position['step']:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    writer = lora.distributed.is_writer()
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
     save_weights(model, tmp, cfg)
+    optimizer_state = full_optimizer_state(model, optimizer) if cfg["fsdp"] else optimizer.state_dict()
+    if not writer:
+        return final
     state = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "position": position,
         "torch_rng": torch.get_rng_state(),
@@ -526,15 +566,29 @@ def save_weights(model, directory: Path, cfg: dict) -> None:
         lora.save_lora(model, directory / "adapter.safetensors")
 
 
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer state gathered from the shards, keyed by parameter name (so that any number of processes can
+    resume it); on rank 0 (the other ranks get an empty dict). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def load_checkpoint(ckpt: Path, model, optimizer, scheduler, cfg: dict) -> dict:
-    """Restore a checkpoint written by ``save_checkpoint``; return its data position."""
+    """Restore a checkpoint written by ``save_checkpoint``; return its data position. With ``--fsdp`` each rank
+    keeps its own part of the adapter and the optimizer state, whatever the number of processes that wrote it."""
     if cfg["full_finetune"]:
         restored = Phi3ForCausalLM.from_pretrained(ckpt, dtype=next(model.parameters()).dtype)
         model.load_state_dict(restored.state_dict())
     else:
         lora.load_lora(model, ckpt / "adapter.safetensors")
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)  # tensors and plain values only
-    optimizer.load_state_dict(state["optimizer"])
+    if cfg["fsdp"]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
@@ -550,10 +604,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_settings(argv)
     cfg, lcfg = args.training_config, args.lora_config
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before NCCL starts; FSDP2's device mesh uses the current device
+    own_group = distributed or (cfg["fsdp"] and not dist.is_initialized())  # ours to start, and to end
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    elif own_group:  # FSDP2 needs a process group, even of one process
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     warn = (lambda line: print(line, file=sys.stderr)) if is_main else (lambda line: None)
@@ -571,11 +631,14 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if cfg["bf16"] else torch.float32
     with _reading("--model"):
         tokenizer = load_tokenizer(args.model)
-        model = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+        if cfg["fsdp"]:
+            model = sharded_model(args.model, dtype, lcfg, device)
+        else:
+            model = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
     if cfg["full_finetune"]:
         for p in model.parameters():
             p.requires_grad = True
-    else:
+    elif not cfg["fsdp"]:  # sharded_model injected LoRA before sharding
         lora.phi3.inject(model, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=lcfg["lora_dropout"],
                          targets=tuple(lcfg["targets"]), qkv_slices=tuple(lcfg["qkv_slices"]), fused=lcfg["fused"],
                          use_dora=lcfg["use_dora"], init_lora_weights=lcfg["init_lora_weights"])
@@ -623,7 +686,7 @@ def main(argv: list[str] | None = None) -> dict:
         params = trainable
     optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed and not cfg["fsdp"] else model
 
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     results: dict = {"settings": {"training_config": cfg, "lora_config": lcfg, "model": str(args.model),
@@ -633,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
         if position["step"] >= total_steps and (run / "results.json").is_file():
             say(f"{run}: already complete ({resume_from.name} is step {position['step']} of {total_steps}); nothing "
                 "to do. --overwrite_output_dir starts it over")
-            if distributed:
+            if own_group:
                 dist.destroy_process_group()
             return json.loads((run / "results.json").read_text())
         say(f"resumed from {resume_from} at step {position['step']}")
@@ -651,10 +714,11 @@ def main(argv: list[str] | None = None) -> dict:
     sample_prompts = [c[:next(i for i, m in enumerate(c) if m["role"] == "assistant")]
                       for c in eval_convs[: cfg["num_samples"]]]
     metrics = (run / "metrics.jsonl").open("a") if is_main else None
-    if is_main and resume_from is None:
+    everyone = cfg["fsdp"]  # sharded: every forward (eval, generation) and every save is a collective
+    if (is_main or everyone) and resume_from is None:
         results["before"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
         report("before training", results["before"], say)
-        if results["before"]["eval_loss"] is not None:  # step 0: the curve starts where training did
+        if is_main and results["before"]["eval_loss"] is not None:  # step 0: the curve starts where training did
             metrics.write(json.dumps({"step": 0, "eval_loss": results["before"]["eval_loss"]}) + "\n")
 
     # Train.
@@ -671,12 +735,14 @@ def main(argv: list[str] | None = None) -> dict:
                 batch = {key: v.to(device) for key, v in
                          collate([train_rows[j] for j in mb[rank::world]], tokenizer.pad_token_id).items()}
                 last = k == len(micro_batches) - 1
-                with ddp_model.no_sync() if distributed and not last else contextlib.nullcontext():
+                if cfg["fsdp"]:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
+                    model.set_requires_gradient_sync(last)
+                with ddp_model.no_sync() if distributed and not last and not cfg["fsdp"] else contextlib.nullcontext():
                     loss_sum, n = token_loss_sum(ddp_model, batch, cfg["bf16"])
                     (loss_sum * world / n_target).backward()
                 window_loss, window_tokens = window_loss + loss_sum.item(), window_tokens + n
                 tokens_seen += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"])
+            grad_norm = lora.distributed.full_tensor(torch.nn.utils.clip_grad_norm_(trainable, cfg["max_grad_norm"]))
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -693,13 +759,13 @@ def main(argv: list[str] | None = None) -> dict:
                        "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                        "tokens_per_s": round(tokens_seen * world / (time.time() - t0), 1)}
                 window_loss, window_tokens = 0.0, 0
-            if is_main and (step % cfg["eval_steps"] == 0 or step == total_steps) and eval_rows:
+            if (is_main or everyone) and (step % cfg["eval_steps"] == 0 or step == total_steps) and eval_rows:
                 row = {"step": step, **row, "eval_loss": eval_loss(model, eval_rows, cfg, tokenizer.pad_token_id, device)}
             if is_main and row:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 progress.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "eval_loss") if k in row})
-            if is_main and (step % cfg["save_steps"] == 0 or step == total_steps):  # the last: --resume sees it done
+            if (is_main or everyone) and (step % cfg["save_steps"] == 0 or step == total_steps):  # last: --resume sees it done
                 save_checkpoint(run, model, optimizer, scheduler, position, cfg, settings)
             if args.kill_after_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real crash, for the resume test
@@ -712,6 +778,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Outputs.
     if is_main:
         metrics.close()
+    if is_main or everyone:  # with --fsdp every rank gathers its shards for the files, rank 0 writes them
         if cfg["full_finetune"]:
             write_merged(model, args.model, run / "model", cfg)  # nothing to merge: the weights, and the tokenizer
         else:
@@ -721,6 +788,7 @@ def main(argv: list[str] | None = None) -> dict:
             lora.export_peft(model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True,
                              convert_to_lora=True)
         results["after"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
+    if is_main:
         report("after training", results["after"], say)
         if "before" in results:
             side_by_side(sample_prompts, results["before"]["samples"], results["after"]["samples"], say)
@@ -731,7 +799,7 @@ def main(argv: list[str] | None = None) -> dict:
         (run / "results.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=2, default=str) + "\n")
         list_outputs(run, say)
         say(f"chat with the result:\n  {chat_command(run, args.model, cfg)}")
-    if distributed:
+    if own_group:
         dist.destroy_process_group()
     return results
 

@@ -22,7 +22,7 @@ from .utils import (
     unmerge_lora,
 )
 
-from . import data, phi3  # noqa: E402  (lora.data, lora.phi3.inject etc.; import torch only)
+from . import data, distributed, phi3  # noqa: E402  (lora.data, lora.distributed, lora.phi3.inject etc.; import torch only)
 
 __version__ = "0.1.0"
 
@@ -55,5 +55,6 @@ __all__ = [
     "delete_adapter",
     "adapter_batch",
     "data",
+    "distributed",
     "phi3",
 ]

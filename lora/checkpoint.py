@@ -30,6 +30,7 @@ from safetensors import safe_open
 from ._io import atomic_write, remove_stale_temporaries, write_safetensors
 from .adapters import DEFAULT, adapter_view, check_name, put_slot, slots, supports_named
 from .base import LoRABase, check_init, has_adapter, is_lora_layer, is_mutating_init, lora_scaling
+from .distributed import copy_full_into, is_sharded, is_writer
 from .layers import KINDS
 from .utils import BIAS_MODES, lora_state_dict
 
@@ -79,7 +80,8 @@ def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none", con
     (equal tensors and settings give equal bytes), written through a symlink to its target, and refused with a
     ``PermissionError`` over a read-only file. With several adapters (:mod:`lora.adapters`) ``adapter_name`` picks
     the one saved (default: ``"default"``, the layers' ``lora_A`` / ``lora_B``); the file is the same as that
-    adapter alone would give, so it loads as the default or under any name.
+    adapter alone would give, so it loads as the default or under any name. On a sharded (FSDP2) model every rank must call it:
+    the LoRA parameters are gathered whole, and rank 0 writes the file.
     """
     with adapter_view(model, adapter_name):
         _save(model, path, bias, convert_to_lora)
@@ -109,6 +111,8 @@ def _save(model: nn.Module, path: str | os.PathLike, bias: str, convert_to_lora:
         "modules": json.dumps(infos, sort_keys=True),
         "target_counts": json.dumps(dict(sorted(counts.items()))),
     }
+    if is_sharded(model) and not is_writer():
+        return
     atomic_write(path, lambda tmp: write_safetensors(tmp, state, metadata))
 
 
@@ -281,7 +285,8 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, al
     ``strict``) LoRA layers in ``model`` that the file does not cover all go into one ``ValueError`` that lists
     every mismatch, and ``model`` is left untouched. LoRA hyper-parameters (alpha, rsLoRA) are taken from the file;
     into LoRA layers already in place the tensors are copied in those layers' dtype. Modules are matched by exact
-    name (never by suffix, unlike :func:`lora.inject`).
+    name (never by suffix, unlike :func:`lora.inject`). Into a sharded (FSDP2) model each rank copies its own part
+    of every tensor (every rank reads the file; no communication).
     """
     path = Path(path)
     remove_stale_temporaries(path)
@@ -420,7 +425,7 @@ def _assign(model: nn.Module, modules: dict[str, dict[str, Any]], tensors: dict[
         for key, t in tensors.items():
             mod, _, p = key.rpartition(".")
             if p not in ("lora_A_init", "lora_B_init"):
-                model.get_submodule(mod)._parameters[p].copy_(t)
+                copy_full_into(model.get_submodule(mod)._parameters[p], t)  # a DTensor shard keeps its part
     for name, info in modules.items():
         layer = model.get_submodule(name)
         layer.set_scaling(info["lora_alpha"], info.get("use_rslora", False))

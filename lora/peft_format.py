@@ -22,6 +22,7 @@ from ._io import atomic_write, write_safetensors
 from .adapters import DEFAULT, adapter_view, check_name, put_slot, slots, supports_named
 from .base import has_adapter, is_lora_layer, is_mutating_init
 from .checkpoint import adapted_modules, leaf, read_safetensors, swap_in
+from .distributed import gathered_lora, is_sharded, is_writer
 from .layers import KINDS, kind_for
 
 __all__ = ["PEFT_PREFIX", "export_peft", "import_peft"]
@@ -54,11 +55,11 @@ def export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or
     With several adapters (:mod:`lora.adapters`) ``adapter_name`` picks the one exported (default: ``"default"``).
     """
     with adapter_view(model, adapter_name):
-        return _export_peft(model, out_dir, base_model_name_or_path, uniform_rank, task_type, convert_to_lora)
+        return _export_default(model, out_dir, base_model_name_or_path, uniform_rank, task_type, convert_to_lora)
 
 
-def _export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
-                 uniform_rank: bool, task_type: str | None, convert_to_lora: bool) -> dict[str, Any]:
+def _export_default(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
+                    uniform_rank: bool, task_type: str | None, convert_to_lora: bool) -> dict[str, Any]:
     """:func:`export_peft` of the (single) default adapter.
 
     ``Linear``/``Embedding``/``Conv`` layers export one to one. A per-slice ``MergedLinear`` with ``k`` enabled
@@ -71,8 +72,18 @@ def _export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
     rank ``2r`` over the original base, as PEFT's ``save_pretrained(path_initial_model_for_weight_conversion=...)``
     writes them (PEFT reloading a PiSSA config would rerun its own decomposition on the base instead).
     Layer options PEFT computes differently (grouped or dilated convolutions, ``padding_mode``, an embedding's
-    ``max_norm``) are a ``ValueError`` before anything is written. Returns the config written.
+    ``max_norm``) are a ``ValueError`` before anything is written. Returns the config written. On a sharded
+    (FSDP2) model every rank must call it: the LoRA parameters are gathered whole, and rank 0 writes the files.
     """
+    if is_sharded(model):
+        with gathered_lora(model):
+            return _write_peft(model, out_dir, base_model_name_or_path, uniform_rank, task_type, convert_to_lora,
+                               write=is_writer())
+    return _write_peft(model, out_dir, base_model_name_or_path, uniform_rank, task_type, convert_to_lora)
+
+
+def _write_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_or_path: str | None,
+                uniform_rank: bool, task_type: str | None, convert_to_lora: bool, write: bool = True) -> dict[str, Any]:
     modules = adapted_modules(model)
     if not modules:
         raise ValueError(f"{type(model).__name__} has no LoRA layer with r > 0: nothing to export")
@@ -127,6 +138,8 @@ def _export_peft(model: nn.Module, out_dir: str | os.PathLike, base_model_name_o
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    if not write:
+        return config
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write(out / "adapter_model.safetensors", lambda tmp: write_safetensors(tmp, tensors, {"format": "pt"}))

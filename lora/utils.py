@@ -15,6 +15,7 @@ import torch.nn as nn
 from .adapters import AdapterSlot, active_adapter, adapter_names, as_default, promote_active
 from .base import LoRABase, has_adapter, is_lora_layer
 from .layers import Embedding
+from .distributed import full_tensor, refuse_sharded
 
 __all__ = [
     "BIAS_MODES",
@@ -82,9 +83,10 @@ def lora_state_dict(model: nn.Module, bias: str = "none") -> dict[str, torch.Ten
     """The subset of ``model.state_dict()`` that :func:`lora_parameter_names` selects (loralib's keys), detached.
 
     Read from the parameters directly: ``state_dict()`` would also compute every merged layer's unmerged weight.
+    On a sharded (FSDP2, ``DTensor``) model each tensor is gathered whole: a collective, every rank must call it.
     """
     params = dict(model.named_parameters(remove_duplicate=False))
-    return {name: params[name].detach() for name in lora_parameter_names(model, bias)}
+    return {name: full_tensor(params[name]) for name in lora_parameter_names(model, bias)}
 
 
 def _check_mergeable(layers: list[tuple[str, LoRABase]]) -> None:
@@ -104,6 +106,7 @@ def merge_lora(model: nn.Module, safe: bool = True) -> nn.Module:
     per weight (see :mod:`lora._merge`) so :func:`unmerge_lora` restores the weights bit for bit. Works on a single
     layer too. Returns ``model``.
     """
+    refuse_sharded(model, "merge_lora")
     layers = list(_lora_modules(model))
     if safe:
         _check_mergeable(layers)
@@ -130,6 +133,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     (:mod:`lora.adapters`) the active one is merged (none after ``set_adapter(model, None)``) and the others are
     dropped.
     """
+    refuse_sharded(model, "merge_and_unload")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRABase)]
     for name, m in layers:  # check before merging: a refusal must leave the model as it was
         if m.fan_in_fan_out:

@@ -12,10 +12,10 @@ The recipe, top to bottom (see docs/hf-trainer.md):
    template.
 2. ``lora.phi3.inject`` adapts ``qkv_proj``, ``o_proj``, ``gate_up_proj`` and ``down_proj``; only LoRA trains.
 3. ``SFTTrainer`` trains with ``assistant_only_loss=True`` (TRL swaps Phi-3's template for its training variant
-   with ``{% generation %}`` markers, so the loss covers each assistant message and its ``<|end|>``) and, by default,
-   ``bf16=True``: autocast to bf16 over the fp32 weights, which lora's fused LoRA path serves.
-4. The Trainer's own checkpoints would hold the whole model; :class:`AdapterCheckpoints` makes each checkpoint
-   ``checkpoint-N/adapter.safetensors`` instead (``--save_steps``).
+   with ``{% generation %}`` markers, so the loss covers each assistant message and its ``<|end|>``) and, where the
+   hardware has bf16 matmuls, ``bf16=True``: autocast to bf16 over the fp32 weights, which lora's fused path serves.
+4. The Trainer's own checkpoints would hold the whole model; ``adapter_checkpoints()`` (a callback) makes each
+   checkpoint ``checkpoint-N/adapter.safetensors`` instead (``--save_steps``).
 5. The trained adapter is written from the model (not from a Trainer checkpoint): ``adapter.safetensors``
    (``lora.save_lora``) and ``peft/`` (``lora.export_peft``, loadable by PEFT onto the same base).
 6. A fresh base model loads ``adapter.safetensors`` (``lora.load_lora`` injects from the file's own settings); every

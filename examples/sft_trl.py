@@ -28,6 +28,7 @@ gradient norm per step, to plot) and ``samples.json`` (the answers).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -147,9 +148,16 @@ def adapter_checkpoints(bias: str = "none") -> Any:
 # -------------------------------------------------------------------------------------------------------- main
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: ...)" to every flag's help but those whose help already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return action.help if "(default:" in (action.help or "") else super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        description=__doc__.split("\n\n")[0].replace("``", ""), formatter_class=_HelpWithDefaults
     )
     p.add_argument("--model_dir", type=Path, default=MODEL_DIR, help="Hugging Face-layout Phi-3 checkpoint")
     p.add_argument("--train_file", type=Path, default=TRAIN_FILE, help="chat JSONL to train on")
@@ -278,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_args(args)
         train_chats, eval_chats = read_chats(args.train_file), read_chats(args.eval_file)
+        missing = [m for m in ("trl", "transformers", "datasets", "tokenizers") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UserError(f'this example needs {", ".join(missing)}: pip install -e ".[hf]"')
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

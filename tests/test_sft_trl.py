@@ -215,3 +215,14 @@ def test_example_end_to_end(tiny_dir, tmp_path, capsys):
         assert sft.main([*argv, *bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: ") and needle in err, err
+
+
+def test_example_without_its_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real_find_spec(name, *a)
+    )
+    assert sft.main(["--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err == 'error: this example needs trl: pip install -e ".[hf]"\n'
+    assert not (tmp_path / "run").exists()

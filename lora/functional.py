@@ -109,6 +109,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         c = gemm_dtype or dtype
         X, Wt, A_c = x2.to(c), weight_t.to(c), A.to(c)  # no-ops without gemm_dtype
         out = torch.addmm(bias.to(c), X, Wt) if bias is not None else X @ Wt  # (N, in) @ (in, out)
+        del Wt  # with gemm_dtype an fp32 copy of the weight: free it now (the backward upcasts again)
         out = _round(out, dtype)  # the 16-bit path rounds here, and again after adding the LoRA term
         pos = mask = None
         if p > 0 and dense_mask:

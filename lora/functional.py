@@ -24,6 +24,7 @@ by ``1 / (1 - p)``), drawn from torch's default generator (so ``torch.manual_see
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -89,75 +90,126 @@ def _dropped(x2: torch.Tensor, flat: torch.Tensor, transpose: bool) -> torch.Ten
         return torch.sparse_csr_tensor(crow, col_index, values, shape, check_invariants=False)
 
 
+def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` rounded to ``dtype`` and back (a no-op if it has it): with fp32 GEMMs over 16-bit operands, where the
+    16-bit path would hold a 16-bit intermediate."""
+    return t if t.dtype == dtype else t.to(dtype).to(t.dtype)
+
+
 class _FusedLoRALinear(torch.autograd.Function):
     """x2: (N, in); weight_t: (in, out) (a view of W^T); A: (R, in); B: (rows, r); see :func:`fused_lora_linear`."""
 
     @staticmethod
     def forward(ctx, x2, weight_t, bias, A, B, scaling: float, p: float, blocks: tuple[Block, ...], r: int,
-                dense_mask: bool):
-        out = torch.addmm(bias, x2, weight_t) if bias is not None else x2 @ weight_t  # (N, in) @ (in, out)
+                dense_mask: bool, gemm_dtype: torch.dtype | None = None):
+        # gemm_dtype (fp32 over 16-bit operands, see _gemm_dtype): every product runs on the operands upcast (exact),
+        # and what the 16-bit path keeps in 16 bits (h, the output) is rounded to it: the same values, up to the
+        # order of fp32 accumulation.
+        dtype = x2.dtype
+        c = gemm_dtype or dtype
+        X, Wt, A_c = x2.to(c), weight_t.to(c), A.to(c)  # no-ops without gemm_dtype
+        out = torch.addmm(bias.to(c), X, Wt) if bias is not None else X @ Wt  # (N, in) @ (in, out)
+        del Wt  # with gemm_dtype an fp32 copy of the weight: free it now (the backward upcasts again)
+        out = _round(out, dtype)  # the 16-bit path rounds here, and again after adding the LoRA term
         pos = mask = None
         if p > 0 and dense_mask:
             # On a GPU a dense mask is cheap to draw and the sparse path's host syncs are not: keep a bool mask.
             x_dropped, mask = torch.native_dropout(x2, p, True)
-            h = x_dropped @ A.T  # (N, in) @ (in, R) -> (N, R)
+            h = x_dropped.to(c) @ A_c.T  # (N, in) @ (in, R) -> (N, R)
         else:
-            h = x2 @ A.T  # (N, in) @ (in, R) -> (N, R)
+            h = X @ A_c.T  # (N, in) @ (in, R) -> (N, R)
+        h = _round(h, dtype)
+        del X
         if p > 0 and not dense_mask:
             flat = dropout_positions(x2.numel(), p, x2.device)
             if x2.numel() < 2**31:  # int32 positions: half the memory kept for the backward, faster index math
                 flat = flat.to(torch.int32)
             if flat.numel():
                 # subtract what the dropped entries contributed: x_dropped (N, in, sparse) @ A^T (in, R)
-                h.sub_((_dropped(x2, flat, transpose=False) @ _wide(A.T)).to(h.dtype))
+                h = _round(h.sub_((_dropped(x2, flat, transpose=False) @ _wide(A.T)).to(dtype)), dtype)
             h.mul_(1.0 / (1.0 - p))
             pos = flat
+        h = h.to(dtype)
+        h_c, B_c = h.to(c), B.to(c)
         for start, size, b_row, a_row in blocks:
             # (N, r) @ (r, size) accumulated into this slice's columns of the frozen layer's output
-            out[:, start:start + size].addmm_(h[:, a_row:a_row + r], B[b_row:b_row + size].T, alpha=scaling)
+            out[:, start:start + size].addmm_(h_c[:, a_row:a_row + r], B_c[b_row:b_row + size].T, alpha=scaling)
         ctx.save_for_backward(x2, weight_t, A, B, h, pos, mask)
         ctx.scaling, ctx.p, ctx.blocks, ctx.r, ctx.has_bias = scaling, p, blocks, r, bias is not None
-        return out
+        ctx.gemm_dtype = gemm_dtype
+        return out.to(dtype)
 
     @staticmethod
     def backward(ctx, g):
         x2, weight_t, A, B, h, pos, mask = ctx.saved_tensors
         s, p, r = ctx.scaling, ctx.p, ctx.r
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        g = g.contiguous()
-        gh = torch.empty(g.shape[0], A.shape[0], dtype=g.dtype, device=g.device)  # (N, R)
-        grad_B = torch.empty_like(B) if need_bb else None
+        dtype = g.dtype
+        c = ctx.gemm_dtype or dtype
+        g = g.contiguous().to(c)  # (N, out); upcast (exact) only with gemm_dtype
+        B_c, h_c = B.to(c), h.to(c)
+        gh = torch.empty(g.shape[0], A.shape[0], dtype=c, device=g.device)  # (N, R)
+        grad_B = torch.empty_like(B, dtype=c) if need_bb else None
         for start, size, b_row, a_row in ctx.blocks:
             g_slice = g[:, start:start + size]  # (N, size)
-            torch.mm(g_slice, B[b_row:b_row + size], out=gh[:, a_row:a_row + r])  # (N, size) @ (size, r)
+            torch.mm(g_slice, B_c[b_row:b_row + size], out=gh[:, a_row:a_row + r])  # (N, size) @ (size, r)
             if need_bb:
-                torch.mm(g_slice.T, h[:, a_row:a_row + r], out=grad_B[b_row:b_row + size])  # (size, N) @ (N, r)
+                torch.mm(g_slice.T, h_c[:, a_row:a_row + r], out=grad_B[b_row:b_row + size])  # (size, N) @ (N, r)
+        if need_bb:
+            grad_B = _round(grad_B, dtype)
         gh.mul_(s)
+        gh = _round(gh, dtype)
         if need_bb:
             grad_B.mul_(s)
         keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
         flat = pos
         grad_x = grad_A = None
         if need_x:
-            grad_x = g @ weight_t.T  # (N, out) @ (out, in)
+            A_c = A.to(c)
+            grad_x = _round(g @ weight_t.to(c).T, dtype)  # (N, out) @ (out, in)
             if mask is not None:
-                grad_x.addcmul_(gh @ A, mask, value=keep_scale)  # dropped inputs get no LoRA gradient
+                grad_x.addcmul_(gh @ A_c, mask, value=keep_scale)  # dropped inputs get no LoRA gradient
             else:
                 if flat is not None:
                     base_at_dropped = grad_x.reshape(-1)[flat]
-                grad_x.addmm_(gh, A, alpha=keep_scale)  # (N, R) @ (R, in)
+                grad_x.addmm_(gh, A_c, alpha=keep_scale)  # (N, R) @ (R, in)
                 if flat is not None:
                     grad_x.reshape(-1)[flat] = base_at_dropped  # dropped inputs get no LoRA gradient
         if need_a:
-            grad_A = gh.T @ (x2 * mask if mask is not None else x2)  # (R, N) @ (N, in)
+            X = x2.to(c)
+            grad_A = _round(gh.T @ (X * mask if mask is not None else X), dtype)  # (R, N) @ (N, in)
             if flat is not None and flat.numel():
                 # (in, N, sparse) @ (N, R) -> (in, R)
-                grad_A.sub_((_dropped(x2, flat, transpose=True) @ _wide(gh)).T.to(grad_A.dtype))
+                grad_A = _round(grad_A.sub_((_dropped(x2, flat, transpose=True) @ _wide(gh)).T.to(dtype)), dtype)
             if p > 0:
                 grad_A.mul_(keep_scale)
-        grad_w = (x2.T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t
+        grad_w = (x2.to(c).T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t
         grad_bias = g.sum(0) if need_b and ctx.has_bias else None
-        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None, None
+        grads = (grad_x, grad_w, grad_bias, grad_A, grad_B)
+        return *(t.to(dtype) if t is not None else None for t in grads), None, None, None, None, None, None
+
+
+@functools.cache
+def _cpu_has_16bit_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` matrices in hardware (AVX512-BF16 / AMX for bf16, AVX512-FP16 / AMX
+    for fp16); without, torch emulates them, many times slower than fp32 (24x measured on an AVX2 EPYC)."""
+    mkldnn = torch.ops.mkldnn
+    try:
+        return bool(mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no fast 16-bit path either
+        return False
+
+
+def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """fp32 for 16-bit products on a CPU that would emulate them, else None (the operands' own dtype).
+
+    A product of two bf16 (8-bit significand) or fp16 (11-bit) numbers is exact in fp32 (24 bits), and torch's
+    16-bit GEMMs accumulate in fp32: so an fp32 GEMM over the upcast operands, rounded to 16 bits, gives what the
+    16-bit GEMM gives, up to the order of accumulation, at fp32 speed.
+    """
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not _cpu_has_16bit_gemm(dtype):
+        return torch.float32
+    return None
 
 
 def fused_lora_linear(
@@ -180,7 +232,8 @@ def fused_lora_linear(
     mode). Everything runs in ``compute_dtype`` (default: ``x``'s): inputs, weight, bias and LoRA parameters of
     another dtype are cast to it, as autocast casts a matmul's operands, and receive their gradients in their own
     dtype; the output has ``compute_dtype``. Autocast is off inside (the operands already have the dtype it would
-    pick). ``dense_mask`` (default: on CUDA) draws an ordinary dense dropout mask instead of the dropped positions.
+    pick). On a CPU without 16-bit matrix units the products of a 16-bit ``compute_dtype`` run as fp32 GEMMs over
+    the (exactly) upcast operands, rounded back: the 16-bit result at fp32 speed. ``dense_mask`` (default: on CUDA) draws an ordinary dense dropout mask instead of the dropped positions.
     Returns (..., out).
     """
     dtype = compute_dtype or x.dtype
@@ -190,7 +243,8 @@ def fused_lora_linear(
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # each .to() is a no-op when the dtype already matches
         bias = bias.to(dtype) if bias is not None else None
         out = _FusedLoRALinear.apply(x2, weight_t.to(dtype), bias, lora_A.to(dtype), lora_B.to(dtype),
-                                     float(scaling), float(dropout_p), tuple(blocks), r, bool(dense_mask))
+                                     float(scaling), float(dropout_p), tuple(blocks), r, bool(dense_mask),
+                                     _gemm_dtype(dtype, x.device))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -214,3 +214,56 @@ def test_sparse_dropout_path_in_16_bit(dtype):
                     ((0, 8, 0, 0),), 2, state)
     torch.testing.assert_close(y.double(), ref, atol=0.15, rtol=0.05)
     assert all(t.grad is not None and t.grad.dtype == dtype for t in low)
+
+
+# fp32 GEMMs over 16-bit operands, on a CPU that would emulate 16-bit GEMMs (lora.functional._gemm_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+def test_fp32_gemms_over_16_bit_operands_give_the_16_bit_result(kind, p, dtype, monkeypatch):
+    """The same values as the 16-bit GEMMs (a product of two 16-bit numbers is exact in fp32, and both accumulate
+    in fp32; the intermediates the 16-bit path holds in 16 bits are rounded at the same points), under autocast."""
+    from unittest import mock
+
+    import lora.functional
+
+    torch.manual_seed(0)
+    if kind == "Linear":
+        layer = lora.Linear(96, 160, r=8, lora_alpha=16, lora_dropout=p)
+    else:
+        layer = lora.MergedLinear(96, 192, r=4, lora_alpha=8, lora_dropout=p, enable_lora=[True, False, True])
+    torch.nn.init.normal_(layer.lora_B, std=0.2)
+    x = torch.randn(3, 40, 96, requires_grad=True)
+    monkeypatch.setattr(lora.functional, "_cpu_has_16bit_gemm", lambda dt: False)  # as on an AVX2-only CPU
+    assert lora.functional._gemm_dtype(dtype, torch.device("cpu")) == torch.float32
+
+    def run(gemm_dtype):
+        for t in (x, layer.lora_A, layer.lora_B):
+            t.grad = None
+        torch.manual_seed(1)  # the same dropout positions
+        with mock.patch.object(lora.functional, "_gemm_dtype", return_value=gemm_dtype) as chosen, \
+                torch.autocast("cpu", dtype=dtype):
+            y = layer(x)
+        assert chosen.call_count == 1
+        y.float().square().sum().backward()
+        return [y.detach().float()] + [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+
+    emulated, native = run(torch.float32), run(None)
+    ulp = torch.finfo(dtype).eps  # one unit in the last place, relative to 1
+    for got, want in zip(emulated, native):
+        same = (got == want).float().mean().item()
+        assert same > 0.95, same  # bit for bit but where another order of fp32 accumulation rounds otherwise
+        torch.testing.assert_close(got, want, rtol=2 * ulp, atol=2 * ulp * float(want.abs().max()))
+
+
+def test_gemm_dtype_only_for_16_bit_on_a_cpu_without_16_bit_units(monkeypatch):
+    import lora.functional
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    monkeypatch.setattr(lora.functional, "_cpu_has_16bit_gemm", lambda dt: dt == torch.float16)
+    assert lora.functional._gemm_dtype(torch.bfloat16, cpu) == torch.float32
+    assert lora.functional._gemm_dtype(torch.float16, cpu) is None  # the hardware has it
+    assert lora.functional._gemm_dtype(torch.float32, cpu) is None
+    assert lora.functional._gemm_dtype(torch.bfloat16, meta) is None  # a GPU's 16-bit GEMMs are its fast ones

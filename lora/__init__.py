@@ -11,6 +11,7 @@ from .layers import Conv1d, Conv2d, Conv3d, Embedding, Linear, MergedLinear
 from .checkpoint import load_lora, read_lora, save_lora
 from .peft_format import export_peft, import_peft
 from .injection import inject
+from .qlora import dequantize, quantize
 from .utils import (
     lora_parameter_names,
     lora_state_dict,
@@ -20,7 +21,7 @@ from .utils import (
     unmerge_lora,
 )
 
-from . import data, phi3  # noqa: E402  (lora.data, lora.phi3.inject etc.; import torch only)
+from . import data, nf4, phi3, qlora  # noqa: E402  (lora.data, lora.phi3.inject etc.; import torch only)
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,10 @@ __all__ = [
     "read_lora",
     "export_peft",
     "import_peft",
+    "quantize",
+    "dequantize",
     "data",
+    "nf4",
+    "qlora",
     "phi3",
 ]

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from .base import LoRABase, has_adapter, is_lora_layer
+from .qlora import dequantize_layer
 
 __all__ = [
     "BIAS_MODES",
@@ -121,7 +122,9 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     Final: no undo record is kept. Layer by layer (merge one, swap it for its plain layer, go on), so the memory
     above the model's own at any time is one layer's fp32 delta. The merged weights are the LoRA layers' own
     Parameter objects, adopted by the plain layers (no copy). ``safe`` (default) checks every merged weight for
-    inf/nan before anything changes. If ``model`` itself is a LoRA layer, the plain layer is returned. LoRA layers
+    inf/nan before anything changes. A LoRA layer over a 4-bit (NF4) weight is merged into its dequantized weight
+    (in the dtype it was quantized from); plain 4-bit layers stay 4-bit (:func:`lora.dequantize` turns them back
+    too). If ``model`` itself is a LoRA layer, the plain layer is returned. LoRA layers
     of other libraries (loralib-style subclasses) are left as they are.
     """
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRABase)]
@@ -132,6 +135,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     if safe:
         _check_mergeable([(n, m) for n, m in layers if has_adapter(m)])
     for name, m in layers:
+        dequantize_layer(m)  # a 4-bit base: merged into its dequantized weight (4 bits would lose the update)
         m.merge(safe=False, exact_unmerge=False)
         m._merge_record = None  # a layer merged earlier by merge_lora: its record is no longer needed
         plain = m.to_plain()

@@ -4,6 +4,7 @@
     python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors --prompt "Where does Islo Torvane live?"
     python examples/chat_phi3.py --model path/to/Phi-3-mini-4k-instruct --adapter runs/mine/adapter.safetensors
     python examples/chat_phi3.py --model path/to/base --peft path/to/peft_adapter_dir
+    python examples/chat_phi3.py --quantize nf4 --adapter runs/qlora/adapter.safetensors      # 4-bit base (QLoRA)
 
 With no ``--prompt`` it reads messages from standard input, one per line, keeping the conversation's history:
 ``/reset`` starts a new conversation; ``/quit``, an empty line or end of input ends. Piped input is echoed
@@ -30,11 +31,13 @@ temperature = 0.0  # 0 = greedy
 top_p = 1.0
 
 
-def load(model: Path, adapter: Path | None, peft: Path | None, bf16: bool):
-    """Base model (meta-built, weights read once), tokenizer, and the adapter if any."""
+def load(model: Path, adapter: Path | None, peft: Path | None, bf16: bool, quantize: str = "none"):
+    """Base model (meta-built, weights read once; ``quantize="nf4"``: its linears in 4 bits as they are read),
+    tokenizer, and the adapter if any."""
     tokenizer = load_tokenizer(model)
     net = Phi3ForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if bf16 else None,
-                                          device="cuda" if torch.cuda.is_available() else "cpu")
+                                          device="cuda" if torch.cuda.is_available() else "cpu",
+                                          quantize=None if quantize == "none" else quantize)
     if adapter is not None:
         lora.load_lora(net, adapter)  # injects LoRA from the file's metadata, then loads it
     if peft is not None:
@@ -89,12 +92,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling: the top tokens with this mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--bf16", action="store_true", help="load the base weights in bf16")
+    parser.add_argument("--quantize", choices=("none", "nf4"), default="none",
+                        help="nf4: the base's linear weights in 4 bits (QLoRA; as a --quantize nf4 run trained)")
     args = parser.parse_args(argv)
     if args.adapter is not None and args.peft is not None:
         parser.error("give --adapter or --peft, not both")
 
     try:
-        net, tokenizer = load(args.model, args.adapter, args.peft, args.bf16)
+        net, tokenizer = load(args.model, args.adapter, args.peft, args.bf16, args.quantize)
     except (OSError, ValueError, ImportError) as err:  # a missing or unreadable file: the user's, not a bug
         sys.exit(f"chat_phi3.py: error: {err}")
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -43,3 +43,13 @@ def test_missing_adapter_is_one_line_without_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope.safetensors" in lines[0], proc.stderr
+
+
+def test_quantized_base_chats():
+    proc = subprocess.run([*CHAT, "--quantize", "nf4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("> Hi\n") and len(proc.stdout.splitlines()) == 2
+    bad = subprocess.run([*CHAT, "--quantize", "int4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "int4" in bad.stderr

@@ -38,8 +38,14 @@ def build(impl: str, linear: nn.Linear, x: torch.Tensor):
         layer = lora.qlora.Linear4bit.from_linear(linear)
     else:
         bnb = _timing.optional_import("bitsandbytes")
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                  compress_statistics=True, quant_type="nf4")
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=False,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=True,
+            quant_type="nf4",
+        )
         layer.load_state_dict(linear.state_dict())
         layer = layer.to("cpu")  # quantizes
         layer.weight.requires_grad_(False)
@@ -77,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     ours.dequantize(torch.bfloat16)
     deq_ms = 1e3 * (time.perf_counter() - t)
-    print(f"weight {d_out}x{d_in}: bf16 {linear.weight.nbytes / 2**20:.1f} MiB, NF4 (double-quantized) "
-          f"{ours.nbytes / 2**20:.1f} MiB ({ours.nbytes / linear.weight.nbytes:.3f}x); one dequantization to bf16: "
-          f"{deq_ms:.0f} ms")
+    print(
+        f"weight {d_out}x{d_in}: bf16 {linear.weight.nbytes / 2**20:.1f} MiB, NF4 (double-quantized) "
+        f"{ours.nbytes / 2**20:.1f} MiB ({ours.nbytes / linear.weight.nbytes:.3f}x); one dequantization to bf16: "
+        f"{deq_ms:.0f} ms"
+    )
 
     times = _timing.interleaved(steps, rounds=rounds, warmup=1)
     case = f"NF4 linear {d_in}->{d_out}, {tokens} tokens, fwd+bwd, bf16"
@@ -88,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     for impl in impls[1:]:
         s = _timing.ratio_stats(times, impl, "bf16")
         text, test = targets[impl]
-        rows.append(Row(case, impl, s, _timing.median_ms(times[impl]), target=text,
-                        met=None if test is None else test(s.median)))
+        rows.append(
+            Row(
+                case, impl, s, _timing.median_ms(times[impl]), target=text, met=None if test is None else test(s.median)
+            )
+        )
     if "bitsandbytes" in times:
         s = _timing.ratio_stats(times, "ours", "bitsandbytes")
         rows.append(Row(case, "ours / bitsandbytes", s, None, target="< 1.00x", met=s.median < 1.0))

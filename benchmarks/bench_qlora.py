@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=TOKENS, help=f"tokens per step (default: {TOKENS})")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"timed rounds (default: {ROUNDS})")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs of each before the rounds (default: 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 2 rounds: a smoke test (default: off)")
     args = parser.parse_args(argv)
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{deq_ms:.0f} ms"
     )
 
-    times = _timing.interleaved(steps, rounds=rounds, warmup=1)
+    times = _timing.interleaved(steps, rounds=rounds, warmup=args.warmup)
     case = f"NF4 linear {d_in}->{d_out}, {tokens} tokens, fwd+bwd, bf16"
     rows = [Row(case, "bf16 (frozen nn.Linear)", None, _timing.median_ms(times["bf16"]))]
     targets = {"ours": ("<= 1.50x", lambda m: m <= 1.5), "bitsandbytes": ("", None)}

@@ -90,7 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{deq_ms:.0f} ms"
     )
 
-    times = _timing.interleaved(steps, rounds=rounds, warmup=args.warmup)
+    # One round at a time (each with its own shuffled order), so a slow machine shows progress.
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    for i in range(rounds):
+        one = _timing.interleaved(steps, rounds=1, warmup=args.warmup if i == 0 else 0, seed=i)
+        for impl in impls:
+            times[impl] += one[impl]
+        print(
+            f"round {i + 1}/{rounds}: " + ", ".join(f"{impl} {1e3 * one[impl][0]:.0f} ms" for impl in impls), flush=True
+        )
     case = f"NF4 linear {d_in}->{d_out}, {tokens} tokens, fwd+bwd, bf16"
     rows = [Row(case, "bf16 (frozen nn.Linear)", None, _timing.median_ms(times["bf16"]))]
     targets = {"ours": ("<= 1.50x", lambda m: m <= 1.5), "bitsandbytes": ("", None)}

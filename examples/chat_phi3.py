@@ -4,6 +4,7 @@
     python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors --prompt "Where does Islo Torvane live?"
     python examples/chat_phi3.py --model path/to/Phi-3-mini-4k-instruct --adapter runs/mine/adapter.safetensors
     python examples/chat_phi3.py --model path/to/base --peft path/to/peft_adapter_dir
+    python examples/chat_phi3.py --quantize nf4 --adapter runs/qlora/adapter.safetensors      # 4-bit base (QLoRA)
 
 Several adapters over one base (loaded once), switched with ``/use NAME`` (``/use base``: none) or compared:
 
@@ -48,12 +49,15 @@ def parse_adapter(value: str) -> tuple[str | None, Path]:
     return None, Path(value)
 
 
-def load(model: Path, adapter: Path | list[tuple[str | None, Path]] | None, peft: Path | None, bf16: bool):
-    """Base model (meta-built, weights read once), tokenizer, and the adapters if any (``adapter``: one path, or
-    ``(name or None, path)`` pairs; the first one is active)."""
+def load(model: Path, adapter: Path | list[tuple[str | None, Path]] | None, peft: Path | None, bf16: bool,
+         quantize: str = "none"):
+    """Base model (meta-built, weights read once; ``quantize="nf4"``: its linears in 4 bits as they are read),
+    tokenizer, and the adapters if any (``adapter``: one path, or ``(name or None, path)`` pairs; the first one is
+    active)."""
     tokenizer = load_tokenizer(model)
     net = Phi3ForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if bf16 else None,
-                                          device="cuda" if torch.cuda.is_available() else "cpu")
+                                          device="cuda" if torch.cuda.is_available() else "cpu",
+                                          quantize=None if quantize == "none" else quantize)
     adapters = [(None, adapter)] if isinstance(adapter, Path) else adapter or []
     for name, path in sorted(adapters, key=lambda a: a[0] is not None):  # the unnamed (default) one first
         lora.load_lora(net, path, adapter_name=name)  # injects LoRA from the file's metadata, then loads it
@@ -136,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling: the top tokens with this mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--bf16", action="store_true", help="load the base weights in bf16")
+    parser.add_argument("--quantize", choices=("none", "nf4"), default="none",
+                        help="nf4: the base's linear weights in 4 bits (QLoRA; as a --quantize nf4 run trained)")
     args = parser.parse_args(argv)
     if args.adapter is not None and args.peft is not None:
         parser.error("give --adapter or --peft, not both")
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--compare needs --adapter (NAME=PATH, repeatable)")
 
     try:
-        net, tokenizer = load(args.model, args.adapter, args.peft, args.bf16)
+        net, tokenizer = load(args.model, args.adapter, args.peft, args.bf16, args.quantize)
     except (OSError, ValueError, ImportError) as err:  # a missing or unreadable file: the user's, not a bug
         sys.exit(f"chat_phi3.py: error: {err}")
     system = [{"role": "system", "content": args.system}] if args.system else []

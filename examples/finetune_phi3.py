@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=2 examples/finetune_phi3.py ...           # DistributedDataParallel (gloo / nccl)
     torchrun --nproc_per_node=8 examples/finetune_phi3.py --fsdp ...    # FSDP2: the model sharded over the GPUs
     python examples/finetune_phi3.py --output_dir runs/x --resume       # continue from the latest checkpoint
+    python examples/finetune_phi3.py --quantize nf4 --output_dir runs/qlora   # QLoRA: the base in 4 bits (NF4)
 
 Settings come in two groups, as in the Phi-3 CookBook's LoRA recipe: ``training_config`` and ``lora_config``
 below. Override them with a JSON file (``--config cfg.json`` holding ``{"training_config": {...},
@@ -97,6 +98,7 @@ training_config = dict(
     full_finetune=False,  # train every weight instead of LoRA (for comparison)
     merge=False,  # also write a merged model in Hugging Face layout
     fsdp=False,  # shard the model over the processes with FSDP2 (docs/distributed.md), instead of DDP's copies
+    quantize="none",  # "nf4": QLoRA, the frozen base's linears in 4 bits (NF4, as bitsandbytes), LoRA on top
 )
 lora_config = dict(
     r=16,
@@ -143,6 +145,8 @@ setting_help = {
     "merge": ("output", "also write merged/: a Hugging Face-layout model with the adapter merged in"),
     "fsdp": ("training", "shard the model over the processes with FSDP2 (fully_shard) instead of copying it (DDP); "
                          "see docs/distributed.md"),
+    "quantize": ("training", "nf4: QLoRA, the frozen base's linear weights in 4 bits (NF4, double-quantized), "
+                             "LoRA on top; --merge then merges into the base dequantized to bf16"),
     "r": ("lora", "LoRA rank"),
     "lora_alpha": ("lora", "the LoRA update is scaled by lora_alpha / r"),
     "lora_dropout": ("lora", "dropout on the LoRA branch's input"),
@@ -292,12 +296,19 @@ def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
     need(math.isfinite(cfg["loraplus_lr_ratio"]) and cfg["loraplus_lr_ratio"] > 0, "loraplus_lr_ratio", "must be > 0")
     need(0 <= cfg["eval_fraction"] < 1, "eval_fraction", "must be in [0, 1)")
     need(cfg["lr_scheduler_type"] in ("cosine", "linear"), "lr_scheduler_type", "must be 'cosine' or 'linear'")
+    need(cfg["quantize"] in ("none", "nf4"), "quantize", "must be 'none' or 'nf4'")
+    need(not (cfg["fsdp"] and cfg["quantize"] != "none"), "quantize", "--fsdp shards 16- or 32-bit weights; a 4-bit "
+                                                                      "base is not sharded yet: leave out one of them")
     if cfg["full_finetune"]:
+        need(cfg["quantize"] == "none", "quantize", "a 4-bit base cannot be fine-tuned in full (QLoRA trains "
+                                                    "LoRA over it): leave out --full_finetune or --quantize")
         return
     need(lcfg["r"] >= 1, "r", "the LoRA rank must be >= 1 (with r=0 there is nothing to train; --full_finetune "
                               "trains every weight)")
     need(math.isfinite(lcfg["lora_alpha"]) and lcfg["lora_alpha"] > 0, "lora_alpha", "must be > 0")
     need(0 <= lcfg["lora_dropout"] < 1, "lora_dropout", "must be in [0, 1)")
+    need(cfg["quantize"] == "none" or not (lcfg["use_dora"] or lcfg["init_lora_weights"].startswith(("pissa", "olora"))),
+         "quantize", "DoRA and PiSSA / OLoRA over a 4-bit base are not supported: QLoRA is plain LoRA over it")
     need(bool(lcfg["targets"]) and set(lcfg["targets"]) <= set(TARGETS), "targets",
          f"must be some of {' '.join(TARGETS)}")
     need(bool(lcfg["qkv_slices"]) and set(lcfg["qkv_slices"]) <= set(QKV_SLICES), "qkv_slices",
@@ -449,7 +460,7 @@ def run_settings(args: argparse.Namespace, cfg: dict, lcfg: dict, world: int) ->
     """What a checkpoint must share with the run that resumes from it: the model, the data and how it is cut into
     batches, the LoRA settings. (The step count, schedule, logging and outputs may change between the two.)"""
     keys = ("seed", "max_seq_length", "eval_fraction", "skip_malformed", "gradient_accumulation_steps",
-            "full_finetune", "bf16")
+            "full_finetune", "bf16", "quantize")
     return {
         "model": str(args.model.resolve()),
         "data": _digest(args.data, "--data"),
@@ -634,7 +645,8 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg["fsdp"]:
             model = sharded_model(args.model, dtype, lcfg, device)
         else:
-            model = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device)
+            model = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device,
+                                                    quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
     if cfg["full_finetune"]:
         for p in model.parameters():
             p.requires_grad = True
@@ -646,7 +658,8 @@ def main(argv: list[str] | None = None) -> dict:
         model.gradient_checkpointing_enable()
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(f"model {args.model}: {model.num_parameters():,} parameters, {sum(p.numel() for p in trainable):,} trainable"
-        f" ({'full fine-tuning' if cfg['full_finetune'] else 'LoRA'}), {dtype}, {device}, world size {world}")
+        f" ({'full fine-tuning' if cfg['full_finetune'] else 'LoRA'}), {dtype}"
+        f"{', linear weights in NF4 (QLoRA)' if cfg['quantize'] == 'nf4' else ''}, {device}, world size {world}")
 
     # Data.
     with _reading("--data"):
@@ -830,7 +843,11 @@ def side_by_side(prompts, before, after, say) -> None:
 def write_merged(model, base_dir: Path, out: Path, cfg: dict) -> None:
     """The adapter merged into the weights (in place: the run is over), saved in Hugging Face layout with the base
     model's tokenizer files; with ``full_finetune``, just the weights."""
-    if not cfg["full_finetune"]:
+    if cfg["quantize"] == "nf4":  # QLoRA: merge into the base dequantized to bf16, never into 4 bits
+        lora.dequantize(model, dtype=torch.bfloat16)
+        lora.merge_and_unload(model)
+        model.to(torch.bfloat16)
+    elif not cfg["full_finetune"]:
         lora.merge_and_unload(model)
     model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
@@ -897,6 +914,8 @@ def chat_command(run: Path, model: Path, cfg: dict) -> str:
         if model.resolve() != model_dir.resolve():
             argv += ["--model", _shown(model)]
         argv += ["--adapter", _shown(run / "adapter.safetensors")]
+        if cfg["quantize"] != "none":  # the base the adapter was trained over
+            argv += ["--quantize", cfg["quantize"]]
     return shlex.join(argv)
 
 

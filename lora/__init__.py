@@ -12,6 +12,7 @@ from .checkpoint import load_lora, read_lora, save_lora
 from .peft_format import export_peft, import_peft
 from .injection import inject
 from .adapters import active_adapter, adapter_batch, adapter_names, delete_adapter, set_adapter
+from .qlora import dequantize, quantize
 from .utils import (
     loraplus_param_groups,
     lora_parameter_names,
@@ -22,7 +23,7 @@ from .utils import (
     unmerge_lora,
 )
 
-from . import data, distributed, phi3  # noqa: E402  (lora.data, lora.distributed, lora.phi3.inject etc.; import torch only)
+from . import data, distributed, nf4, phi3, qlora  # noqa: E402  (lora.data, lora.distributed, lora.phi3.inject etc.; import torch only)
 
 __version__ = "0.1.0"
 
@@ -54,7 +55,11 @@ __all__ = [
     "active_adapter",
     "delete_adapter",
     "adapter_batch",
+    "quantize",
+    "dequantize",
     "data",
     "distributed",
+    "nf4",
+    "qlora",
     "phi3",
 ]

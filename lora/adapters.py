@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoRABase, has_adapter, is_mutating_init, lora_scaling
+from .qlora import base_linear
 
 __all__ = [
     "DEFAULT",
@@ -339,7 +340,7 @@ def routed_forward(layer: LoRABase, x: torch.Tensor) -> torch.Tensor:
             f"{type(layer).__name__} is merged (its weight holds the default adapter): unmerge_lora "
             f"before serving another adapter or a mixed batch"
         )
-    result = F.linear(x, _weight_out_in(layer), layer.bias)
+    result = base_linear(x, _weight_out_in(layer), layer.bias)  # the frozen weight may be 4-bit (lora.qlora)
     rows = layer._buffers.get("lora_rows")
     if rows is None:
         params = _adapter_params(layer, layer.active_adapter) if layer.active_adapter is not None else None

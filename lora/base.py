@@ -117,6 +117,19 @@ def _lora_dtype(base_dtype: torch.dtype, lora_dtype: torch.dtype | None) -> torc
     return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
+def _quantized(layer: nn.Module) -> bool:
+    """Whether the layer's weight is 4-bit (a module, :class:`lora.qlora.Weight4bit`, in the Parameter's place)."""
+    return isinstance(layer.weight, nn.Module)
+
+
+def _refuse_quantized(layer: nn.Module) -> None:
+    if _quantized(layer):
+        raise ValueError(
+            f"refusing to merge into the 4-bit weight of {type(layer).__name__}: re-quantizing W + BA to NF4 would "
+            "lose most of the update (it is far below NF4's step). Dequantize first (lora.dequantize(model, "
+            "dtype=torch.bfloat16)) and merge into that; lora.merge_and_unload does so layer by layer")
+
+
 def _json(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
@@ -236,7 +249,15 @@ class LoRABase(LoRALayer):
         if lora_kwargs.get("fan_in_fan_out"):
             raise ValueError(f"from_module wraps an {cls.adapts.__name__}, whose weight is (out, in): "
                              f"fan_in_fan_out must be False")
+        init = lora_kwargs.get("init_lora_weights", "default")
+        if isinstance(base.weight, nn.Module) and (
+            lora_kwargs.get("use_dora") or (isinstance(init, str) and is_mutating_init(init))
+        ):
+            raise ValueError(f"{type(base).__name__} has a 4-bit (NF4) weight: DoRA and PiSSA / OLoRA over a 4-bit base "
+                             f"are not supported (plain LoRA over it is QLoRA)")
         layer = cls(**cls.base_kwargs(base), device="meta", dtype=base.weight.dtype, **lora_kwargs)
+        if isinstance(base.weight, nn.Module):  # a 4-bit weight (lora.qlora.Weight4bit) is a module, not a Parameter
+            del layer.weight
         layer.weight = base.weight
         if getattr(base, "bias", None) is not None:
             layer.bias = base.bias
@@ -253,6 +274,10 @@ class LoRABase(LoRALayer):
         if self.fan_in_fan_out:
             raise ValueError(f"a fan_in_fan_out {type(self).__name__} stores its weight as (in, out) and cannot "
                              f"become an {self.adapts.__name__}; use merge_lora instead")
+        if _quantized(self):  # the 4-bit plain layer, sharing the 4-bit weight
+            from .qlora import Linear4bit
+
+            return Linear4bit(self.weight, self.bias).train(self.training)
         plain = self.adapts(**self.base_kwargs(self), device="meta")
         plain.weight = self.weight
         if getattr(self, "bias", None) is not None:
@@ -389,11 +414,13 @@ class LoRABase(LoRALayer):
     # -- merging -----------------------------------------------------------------------------------------------
 
     def merged_is_finite(self) -> bool:
-        """Whether merging now would give a finite weight (checks the sum, not just the delta)."""
+        """Whether merging now would give a finite weight (checks the sum, not just the delta; for a 4-bit weight, the
+        sum with its dequantized weight)."""
         if self.merged or not has_adapter(self):
             return True
-        with torch.no_grad():
-            return _merge.merged_is_finite(self.weight, self.delta_weight())
+        with torch.no_grad():  # a 4-bit weight: the merge lora.merge_and_unload does, into the dequantized weight
+            weight = self.weight.dequantize() if _quantized(self) else self.weight
+            return _merge.merged_is_finite(weight, self.delta_weight())
 
     def merge(self, safe: bool = True, exact_unmerge: bool = True) -> None:
         """Fold the update into ``weight`` (fp32 sum, one cast), in place. Idempotent.
@@ -408,6 +435,7 @@ class LoRABase(LoRALayer):
                              f"the active one)")
         if self.merged or not has_adapter(self):
             return
+        _refuse_quantized(self)
         if not self.weight.is_contiguous():
             raise ValueError(f"{type(self).__name__}: merging needs a contiguous weight")
         with torch.no_grad():

@@ -32,6 +32,7 @@ from .adapters import DEFAULT, adapter_view, check_name, put_slot, slots, suppor
 from .base import LoRABase, check_init, has_adapter, is_lora_layer, is_mutating_init, lora_scaling
 from .distributed import copy_full_into, is_sharded, is_writer
 from .layers import KINDS
+from .qlora import Weight4bit
 from .utils import BIAS_MODES, lora_state_dict
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_lora", "load_lora", "read_lora"]
@@ -237,7 +238,8 @@ def swap_in(model: nn.Module, plan: dict[str, tuple[type[LoRABase], dict[str, An
 
 def _check_module(name: str, info: dict[str, Any], module: nn.Module, problems: list[str]) -> None:
     """Append to ``problems`` every way ``module`` differs from what the adapter was trained on."""
-    found_shape = list(module.weight.shape) if isinstance(getattr(module, "weight", None), torch.Tensor) else None
+    weight = getattr(module, "weight", None)
+    found_shape = list(weight.shape) if isinstance(weight, (torch.Tensor, Weight4bit)) else None
     if found_shape != info["base_shape"]:
         problems.append(f"{name}: base weight shape expected {tuple(info['base_shape'])}, found "
                         f"{tuple(found_shape) if found_shape else type(module).__name__ + ' without a weight'}")
@@ -256,7 +258,7 @@ def _check_module(name: str, info: dict[str, Any], module: nn.Module, problems: 
         problems.append(f"(root): the model itself is a plain {type(module).__name__}; LoRA can only be loaded "
                         f"into it if it already is a LoRA layer (a module cannot replace itself)")
         return
-    if type(module) is not kind.adapts:
+    if getattr(module, "plain_type", type(module)) is not kind.adapts:
         problems.append(f"{name}: expected an {kind.adapts.__name__} to adapt, found a {type(module).__name__}")
         return
     if info.get("fan_in_fan_out"):

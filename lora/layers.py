@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from .base import LoRABase, LoRALayer, check_lora_args, has_adapter, is_lora_layer
 from .functional import _wide, fused_lora_conv, fused_lora_linear  # _wide: fp32, or fp64 if it is
 from .adapters import is_routed, routed_forward
+from .qlora import Weight4bit, base_linear  # a 4-bit (NF4) frozen weight, and F.linear that also takes one
 
 __all__ = ["LoRALayer", "LoRABase", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
            "is_lora_layer", "KINDS", "kind_for"]
@@ -60,7 +61,7 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) ->
     weight's dtype, as autocast would: the LoRA term is rounded to the base's precision when added anyway). Never
     while torch.compile traces (it fuses the plain ops itself) or across devices.
     """
-    if torch.compiler.is_compiling() or x.device != weight.device:
+    if torch.compiler.is_compiling() or x.device != weight.device or isinstance(weight, Weight4bit):
         return None
     if torch.is_autocast_enabled(x.device.type):
         autocast_dtype = torch.get_autocast_dtype(x.device.type)
@@ -290,7 +291,7 @@ class Linear(_LinearKind, nn.Linear):
         if is_routed(self):  # another adapter than the default, or a mixed batch (lora.adapters)
             return routed_forward(self, x)
         if self.merged or not has_adapter(self):
-            return F.linear(x, self._weight_out_in(), self.bias)
+            return base_linear(x, self._weight_out_in(), self.bias)
         if self.use_dora:
             return self._dora_forward(x)
         return self._lora_forward(x, self.bias, dropout=True)
@@ -303,7 +304,7 @@ class Linear(_LinearKind, nn.Linear):
         if dtype is not None:
             return fused_lora_linear(x, weight.T, bias, A, B, self.scaling, _dropout_p(self) if dropout else 0.0,
                                      ((0, self.out_features, 0, 0),), self.r, compute_dtype=dtype)
-        result = F.linear(x, weight, bias)
+        result = base_linear(x, weight, bias)
         x = _lora_input(x, A)
         h = F.linear(self.lora_dropout(x) if dropout else x, A)  # (..., in) -> (..., r)
         return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
@@ -438,7 +439,7 @@ class MergedLinear(_LinearKind, nn.Linear):
         if is_routed(self):  # another adapter than the default, or a mixed batch (lora.adapters)
             return routed_forward(self, x)
         if self.merged or not has_adapter(self):
-            return F.linear(x, self._weight_out_in(), self.bias)
+            return base_linear(x, self._weight_out_in(), self.bias)
         if self.use_dora:
             return self._dora_forward(x)
         return self._lora_forward(x, self.bias, dropout=True)
@@ -451,7 +452,7 @@ class MergedLinear(_LinearKind, nn.Linear):
             blocks = [(start, size, b_row, i * self.r) for i, (start, size, b_row) in enumerate(self._blocks())]
             return fused_lora_linear(x, weight.T, bias, self.lora_A, self.lora_B, self.scaling,
                                      _dropout_p(self) if dropout else 0.0, blocks, self.r, compute_dtype=dtype)
-        result = F.linear(x, weight, bias)
+        result = base_linear(x, weight, bias)
         x = _lora_input(x, self.lora_A)
         h = F.linear(self.lora_dropout(x) if dropout else x, self.lora_A) * self.scaling  # (..., r * n)
         for i, (start, size, _, B_i) in enumerate(self._slice_params()):
@@ -725,6 +726,6 @@ def kind_for(module: nn.Module, lora_kwargs: dict[str, Any] | None = None) -> ty
     """
     special = set(lora_kwargs or ()) & {f for kind in KINDS.values() for f in kind.lora_fields}
     for kind in KINDS.values():
-        if kind.adapts is type(module) and special <= set(kind.lora_fields) and bool(special) == bool(kind.lora_fields):
+        if kind.adapts is getattr(module, "plain_type", type(module)) and special <= set(kind.lora_fields) and bool(special) == bool(kind.lora_fields):
             return kind
     return None

@@ -16,6 +16,7 @@ from .adapters import AdapterSlot, active_adapter, adapter_names, as_default, pr
 from .base import LoRABase, has_adapter, is_lora_layer
 from .layers import Embedding
 from .distributed import full_tensor, refuse_sharded
+from .qlora import dequantize_layer
 
 __all__ = [
     "BIAS_MODES",
@@ -128,10 +129,11 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     Final: no undo record is kept. Layer by layer (merge one, swap it for its plain layer, go on), so the memory
     above the model's own at any time is one layer's fp32 delta. The merged weights are the LoRA layers' own
     Parameter objects, adopted by the plain layers (no copy). ``safe`` (default) checks every merged weight for
-    inf/nan before anything changes. If ``model`` itself is a LoRA layer, the plain layer is returned. LoRA layers
-    of other libraries (loralib-style subclasses) are left as they are. With several adapters
-    (:mod:`lora.adapters`) the active one is merged (none after ``set_adapter(model, None)``) and the others are
-    dropped.
+    inf/nan before anything changes. A LoRA layer over a 4-bit (NF4) weight is merged into its dequantized weight
+    (in the dtype it was quantized from); plain 4-bit layers stay 4-bit (:func:`lora.dequantize` turns them back
+    too). If ``model`` itself is a LoRA layer, the plain layer is returned. LoRA layers of other libraries
+    (loralib-style subclasses) are left as they are. With several adapters (:mod:`lora.adapters`) the active one is
+    merged (none after ``set_adapter(model, None)``) and the others are dropped.
     """
     refuse_sharded(model, "merge_and_unload")
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRABase)]
@@ -144,6 +146,7 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
         with as_default(model, active):  # check the adapter that will be merged
             _check_mergeable([(n, m) for n, m in layers if has_adapter(m)])
     for name, m in layers:
+        dequantize_layer(m)  # a 4-bit base: merged into its dequantized weight (4 bits would lose the update)
         if not m.merged and promote_active(m):  # the active adapter (lora.set_adapter) becomes the one merged
             m.__dict__.pop("active_adapter", None)
             m.merge(safe=False, exact_unmerge=False)

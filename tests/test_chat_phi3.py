@@ -131,3 +131,13 @@ def test_single_unnamed_adapter_and_bad_flags(two_adapters, capsys):
         assert exit_info.value.code != 0
         err = capsys.readouterr().err.strip().splitlines()
         assert "Traceback" not in "\n".join(err) and ": error: " in err[-1], err
+
+
+def test_quantized_base_chats():
+    proc = subprocess.run([*CHAT, "--quantize", "nf4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("> Hi\n") and len(proc.stdout.splitlines()) == 2
+    bad = subprocess.run([*CHAT, "--quantize", "int4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "int4" in bad.stderr

@@ -552,3 +552,60 @@ def test_bf16_training_step_runs_the_fused_path_and_matches_the_plain_ops():
     err = [[float((g - r).norm() / r.norm()) for g, r in zip(grads, grads_ref)] for grads in (grads_fused, grads_plain)]
     assert all(0 < e_plain for e_plain in err[1])
     assert all(e_fused <= 2 * max(e_plain, 2.0**-9) for e_fused, e_plain in zip(*err)), err
+
+
+# -- QLoRA (--quantize nf4) ------------------------------------------------------------------------------------
+
+
+def test_qlora_run_trains_over_a_4bit_base_exports_and_merges_into_bf16(tiny_model, chats, tmp_path, capsys):
+    out = tmp_path / "run"
+    results = finetune.main(_args(tiny_model, chats, out, "--max_steps", "8", "--learning_rate", "5e-3",
+                                  "--quantize", "nf4", "--merge"))
+    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
+    printed = capsys.readouterr().out
+    assert "NF4" in printed
+    argv = shlex.split(printed.splitlines()[printed.splitlines().index("chat with the result:") + 1])
+    assert argv[-2:] == ["--quantize", "nf4"]
+    # The adapter is an ordinary LoRA adapter: over the 4-bit base (as trained), and its PEFT export the same.
+    net, _ = chat.load(tiny_model, out / "adapter.safetensors", None, bf16=False, quantize="nf4")
+    via_peft, _ = chat.load(tiny_model, None, out / "peft", bf16=False, quantize="nf4")
+    assert isinstance(net.model.layers[0].mlp.down_proj.weight, lora.qlora.Weight4bit)
+    ids = torch.randint(0, 256, (2, 10))
+    adapted = net(ids).logits
+    torch.testing.assert_close(via_peft(ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    # --merge: the base dequantized to bf16, the adapter merged into it, saved as a plain bf16 checkpoint.
+    merged = Phi3ForCausalLM.from_pretrained(out / "merged")
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    base_bf16 = lora.dequantize(Phi3ForCausalLM.from_pretrained(tiny_model, quantize="nf4"), dtype=torch.bfloat16)
+    lora.load_lora(base_bf16, out / "adapter.safetensors")
+    lora.merge_and_unload(base_bf16)
+    for key, value in base_bf16.to(torch.bfloat16).state_dict().items():
+        assert torch.equal(merged.state_dict()[key], value), key
+    # and it computes what the 4-bit base + adapter computes, to within bf16 rounding
+    merged_logits = merged.float()(ids).logits
+    assert ((merged_logits - adapted).abs().max() / adapted.abs().max()).item() < 0.05
+
+
+def test_killed_qlora_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_path):
+    script = [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
+    common = ["--max_steps", "5", "--quantize", "nf4", "--num_samples", "0"]
+    full = subprocess.run(script + _args(tiny_model, chats, tmp_path / "a", *common), capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", *common, "--kill_after_step", "3"),
+                            capture_output=True, text=True)
+    assert killed.returncode == -9
+    resumed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", *common, "--resume"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "step-0000002" in resumed.stdout
+    a, b = _tensors(tmp_path / "a" / "adapter.safetensors"), _tensors(tmp_path / "b" / "adapter.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a QLoRA checkpoint does not resume as a bf16/fp32 LoRA run (another base)
+    other = _cli(*_args(tiny_model, chats, tmp_path / "b", "--max_steps", "5", "--num_samples", "0", "--resume"))
+    _assert_one_line_error(other, "quantize")
+
+
+@pytest.mark.parametrize("extra, needles", [(["--quantize", "int4"], ["--quantize", "int4"]),
+                                            (["--quantize", "nf4", "--full_finetune"], ["--quantize", "full"])])
+def test_bad_quantize_settings_are_one_line_errors(tiny_model, chats, tmp_path, extra, needles):
+    _assert_one_line_error(_cli(*_short(tiny_model, chats, tmp_path / "run", *extra)), *needles)

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lora._io import atomic_write
 from lora.adapters import adapter_batch
+from lora.qlora import Linear4bit, Weight4bit, is_quantized
 from lora.data import causal_lm_loss
 from lora.phi3.config import Phi3Config
 
@@ -521,7 +522,13 @@ class Phi3ForCausalLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | os.PathLike[str], dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
+        cls,
+        path: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        device: torch.device | str = "cpu",
+        *,
+        quantize: str | None = None,
+        double_quant: bool = True,
     ) -> Phi3ForCausalLM:
         """Load a Hugging Face checkpoint directory: ``config.json`` and ``model.safetensors`` or shards listed in
         ``model.safetensors.index.json``.
@@ -529,7 +536,14 @@ class Phi3ForCausalLM(nn.Module):
         The model is built on the meta device and each tensor read once, straight to ``device`` (cast to ``dtype``
         if given, else kept as stored): the weights are never held twice. A tied checkpoint may omit
         ``lm_head.weight``.
+
+        ``quantize="nf4"`` (QLoRA): every linear weight but ``lm_head``'s is quantized to NF4 as it is read (after the
+        cast to ``dtype``, which stays the weight's nominal dtype), so at most one full-precision linear weight exists
+        at a time; those layers become :class:`lora.qlora.Linear4bit` (see :func:`lora.quantize`; ``double_quant``
+        as there). Embeddings, norms and the head keep ``dtype``.
         """
+        if quantize not in (None, "nf4"):
+            raise ValueError(f"quantize must be None or 'nf4', got quantize={quantize!r}")
         path = Path(path)
         config_file = path / CONFIG_NAME
         if not config_file.is_file():
@@ -541,6 +555,10 @@ class Phi3ForCausalLM(nn.Module):
         expected = {k: v.shape for k, v in model.state_dict().items()}
         if config.tie_word_embeddings:
             del expected["lm_head.weight"]
+        four_bit = set()  # the linear weights quantized while loading
+        if quantize is not None:
+            four_bit = {f"{name}.weight" for name, m in model.named_modules()
+                        if type(m) is nn.Linear and name != "lm_head"}
 
         loaded: dict[str, Tensor] = {}
         for file in _weight_files(path):
@@ -556,10 +574,16 @@ class Phi3ForCausalLM(nn.Module):
                             f"{file}: {key!r} has shape {shape}, expected {tuple(expected[key])} from {config_file}"
                         )
                     tensor = f.get_tensor(key)
-                    loaded[key] = tensor if dtype is None else tensor.to(dtype)
+                    tensor = tensor if dtype is None else tensor.to(dtype)
+                    if key in four_bit:
+                        tensor = Weight4bit.quantize(tensor, double_quant=double_quant)  # the full one goes now
+                    loaded[key] = tensor
         missing = sorted(set(expected) - set(loaded))
         if missing:
             raise ValueError(f"checkpoint {path} lacks {len(missing)} parameter(s): {', '.join(missing)}")
+        for key in four_bit:
+            name = key.removesuffix(".weight")
+            model.set_submodule(name, Linear4bit(loaded.pop(key), model.get_submodule(name).bias))
         model.load_state_dict(loaded, strict=False, assign=True)
         # Non-persistent buffers are not in the checkpoint: build the rotary frequencies on the real device.
         model.model.rotary_emb = Phi3RotaryEmbedding(config, device=device)
@@ -572,8 +596,13 @@ class Phi3ForCausalLM(nn.Module):
         ``max_shard_size`` bytes (an int, or a string like ``"5GB"`` / ``"500MiB"``), shards
         ``model-0000k-of-0000n.safetensors`` with ``model.safetensors.index.json``. Each file is written to a
         temporary name and renamed into place; weight files of an earlier save that this one does not produce are
-        removed.
+        removed. A model with 4-bit layers is refused (transformers' layout has no NF4 weights): save it after
+        :func:`lora.dequantize`.
         """
+        four_bit = [name for name, m in self.named_modules() if is_quantized(m)]
+        if four_bit:
+            raise ValueError(f"cannot save {len(four_bit)} 4-bit layers ({four_bit[0]}, ...) in Hugging Face layout: "
+                             "lora.dequantize(model, dtype=torch.bfloat16) first")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         limit = _parse_size(max_shard_size)

@@ -1,0 +1,366 @@
+"""lora.qlora: LoRA over NF4 base weights. Oracles: the same layer over the dequantized weight in fp32/fp64 (what a
+4-bit base means), bitsandbytes' CPU Linear4bit, and adapter files/PEFT exports read back over a full-precision
+base. The Phi-3 oracle (transformers + bitsandbytes + PEFT) is in tests/phi3/test_qlora.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+import lora
+from lora import nf4
+from lora.qlora import Linear4bit, Weight4bit, linear4bit
+
+
+def model(seed: int = 0, bias: bool = True) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(64, 128, bias=bias), nn.GELU(), nn.Linear(128, 64, bias=bias), nn.GELU(), nn.Linear(64, 32, bias=bias)
+    )
+
+
+def randomize_adapters(m: nn.Module, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(("lora_A", "lora_B")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def dequantized_copy(m: nn.Module) -> nn.Module:
+    """The same model with every 4-bit weight dequantized (fp32), sharing nothing with ``m``."""
+    import copy
+
+    return lora.dequantize(copy.deepcopy(m))
+
+
+# -- the frozen 4-bit linear -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear4bit_is_the_linear_of_the_dequantized_weight(dtype):
+    torch.manual_seed(0)
+    base = nn.Linear(128, 96).to(dtype)
+    q = Linear4bit.from_linear(base)
+    w = q.weight.dequantize()
+    assert w.dtype == dtype and isinstance(q, nn.Linear)
+    x = torch.randn(3, 5, 128, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = q(x), nn.functional.linear(x_ref, w, q.bias.detach())
+    assert torch.equal(y, y_ref)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g)
+    assert torch.equal(x.grad, x_ref.grad)
+    assert q.bias.grad is not None and torch.allclose(q.bias.grad, g.sum(dim=(0, 1)))
+    assert not any(p.requires_grad for n, p in q.named_parameters() if n != "bias")
+
+
+def test_backward_saves_no_full_precision_weight():
+    torch.manual_seed(0)
+    layer = lora.Linear(256, 512, r=4)
+    assert lora.quantize(layer) == [""] and isinstance(layer.weight, Weight4bit)  # a bare LoRA layer: in place
+    x = torch.randn(2, 256, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    assert y.grad_fn is not None
+    assert max(saved) < 256 * 512 // 8, saved  # the input, adapter factors and (…, r) activations, never (512, 256)
+
+
+def test_matches_bitsandbytes_linear4bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    base = nn.Linear(128, 64)
+    theirs = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
+    theirs.load_state_dict(base.state_dict())
+    theirs = theirs.to("cpu")  # quantizes
+    ours = Linear4bit.from_linear(base)
+    assert torch.equal(ours.weight.packed, theirs.weight.data.reshape(-1))
+    x = torch.randn(7, 128)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+
+# -- LoRA layers over a 4-bit base -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+def test_lora_over_nf4_equals_lora_over_the_dequantized_weight(kind):
+    torch.manual_seed(0)
+    if kind == "Linear":
+        layer = lora.Linear(64, 96, r=4, lora_alpha=8)
+    else:
+        layer = lora.MergedLinear(64, 96, r=4, lora_alpha=8, enable_lora=[True, False, True])
+    randomize_adapters(layer)
+    holder = nn.Sequential(layer)
+    assert lora.quantize(holder) == ["0"]
+    assert type(holder[0]) is type(layer) and isinstance(layer, nn.Linear) and isinstance(layer.weight, Weight4bit)
+    reference = dequantized_copy(holder).double()
+    x = torch.randn(4, 64, requires_grad=True)
+    y = holder(x)
+    x_ref = x.detach().double().requires_grad_()
+    y_ref = reference(x_ref)
+    torch.testing.assert_close(y, y_ref.float(), rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.double())
+    torch.testing.assert_close(x.grad, x_ref.grad.float(), rtol=1e-5, atol=1e-5)
+    for name in ("lora_A", "lora_B"):
+        torch.testing.assert_close(
+            getattr(layer, name).grad, getattr(reference[0], name).grad.float(), rtol=1e-5, atol=1e-5
+        )
+    assert layer.delta_weight().shape == layer.weight.shape
+
+
+def test_inject_into_quantized_model_and_train_only_adapters():
+    m = model()
+    names = lora.quantize(m)
+    assert names == ["0", "2", "4"]
+    lora.inject(m, ["0", "2"], r=4)
+    assert [type(m[i]) for i in (0, 2, 4)] == [lora.Linear, lora.Linear, Linear4bit]
+    trainable = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trainable == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+    packed = m[0].weight.packed.clone()
+    x = torch.randn(8, 64)
+    losses = []
+    for _ in range(3):
+        loss = m(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] and torch.equal(m[0].weight.packed, packed)
+
+
+def test_quantizing_after_injection_equals_injecting_after_quantization():
+    a, b = model(), model()
+    lora.inject(a, ["0", "2"], r=4)
+    lora.quantize(a)
+    lora.quantize(b)
+    lora.inject(b, ["0", "2"], r=4)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 64)
+    assert torch.equal(a(x), b(x))
+
+
+def test_state_dict_is_safetensors_and_round_trips(tmp_path):
+    m, other = model(0), model(1)
+    for x in (m, other):
+        lora.quantize(x, targets=["0", "4"])
+        lora.inject(x, ["0"], r=4)
+    randomize_adapters(m)
+    sd = m.state_dict()
+    assert {"0.weight.packed", "0.weight.absmax_codes", "4.weight.absmax_offset", "2.weight"} <= set(sd)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "m.safetensors")
+    other.load_state_dict(load_file(tmp_path / "m.safetensors"))
+    x = torch.randn(3, 64)
+    assert torch.equal(m(x), other(x))
+
+
+def test_moving_and_casting_keep_the_4bit_tensors():
+    m = model()
+    lora.quantize(m)
+    q = m[0].weight
+    packed, codes, offset = q.packed, q.absmax_codes, q.absmax_offset
+    m.to(torch.bfloat16)
+    assert q.packed.dtype == torch.uint8 and q.absmax_offset.dtype == torch.float32
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax_codes, codes) and torch.equal(q.absmax_offset, offset)
+    assert m[0].bias.dtype == torch.bfloat16
+    assert m(torch.randn(2, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_autocast_computes_in_its_dtype():
+    m = model()
+    lora.quantize(m)
+    lora.inject(m, ["0"], r=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(torch.randn(2, 64))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert m[0].lora_A.grad is not None
+
+
+# -- merging, unloading, adapter files ---------------------------------------------------------------------------
+
+
+def test_merge_into_4bit_is_refused_and_merge_and_unload_dequantizes():
+    m = model()
+    lora.quantize(m)
+    lora.inject(m, ["0", "2"], r=4)
+    randomize_adapters(m)
+    x = torch.randn(5, 64)
+    before = m(x)
+    packed = m[0].weight.packed.clone()
+    with pytest.raises(ValueError, match="4-bit.*dequantize"):
+        lora.merge_lora(m)
+    assert not m[0].merged and torch.equal(m[0].weight.packed, packed) and torch.equal(m(x), before)
+    lora.merge_and_unload(m)
+    assert type(m[0]) is nn.Linear and type(m[2]) is nn.Linear and type(m[4]) is Linear4bit
+    assert m[0].weight.dtype == torch.float32
+    torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_merge_and_unload_into_bf16_after_dequantizing():
+    m = model()
+    lora.quantize(m)
+    lora.inject(m, ["0"], r=4)
+    randomize_adapters(m)
+    x = torch.randn(5, 64)
+    before = m(x)
+    lora.dequantize(m, dtype=torch.bfloat16)
+    assert not any(lora.qlora.is_quantized(x) for x in m.modules())
+    lora.merge_and_unload(m)
+    assert type(m[0]) is nn.Linear and m[0].weight.dtype == torch.bfloat16
+    m.to(torch.bfloat16)
+    torch.testing.assert_close(m(x.bfloat16()).float(), before, rtol=0.05, atol=0.05)  # bf16 rounding only
+
+
+def test_to_plain_keeps_the_4bit_weight():
+    layer = nn.Sequential(lora.Linear(64, 64, r=2))
+    lora.quantize(layer)
+    plain = layer[0].to_plain()
+    assert type(plain) is Linear4bit and plain.weight is layer[0].weight
+
+
+def test_adapter_file_is_an_ordinary_lora_adapter(tmp_path):
+    q = model()
+    lora.quantize(q)
+    lora.inject(q, ["0", "2"], r=4)
+    randomize_adapters(q)
+    lora.save_lora(q, tmp_path / "a.safetensors")
+    # over the dequantized base (full precision): the same function
+    full = model()
+    with torch.no_grad():
+        for i in (0, 2, 4):
+            full[i].weight.copy_(lora.qlora.dequantize_layer(q[i]).weight if i == 4 else q[i].weight.dequantize())
+    lora.load_lora(full, tmp_path / "a.safetensors")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(full(x), q(x), rtol=1e-5, atol=1e-6)
+    # and over a fresh 4-bit base
+    again = model()
+    lora.quantize(again)
+    lora.load_lora(again, tmp_path / "a.safetensors")
+    assert torch.equal(again(x), q(x))
+
+
+def test_peft_export_round_trips(tmp_path):
+    q = model(bias=False)
+    lora.quantize(q)
+    lora.inject(q, ["0", "2"], r=4)
+    randomize_adapters(q)
+    lora.export_peft(q, tmp_path / "peft")
+    back = model(bias=False)
+    lora.quantize(back)
+    lora.import_peft(back, tmp_path / "peft")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(back(x), q(x), rtol=1e-6, atol=1e-6)
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+
+
+def test_quantize_rejects_bad_input_and_leaves_the_model_alone():
+    m = model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="'nope' matched no module"):
+        lora.quantize(m, targets=["0", "nope"])
+    with pytest.raises(ValueError, match="GELU"):
+        lora.quantize(m, targets=["1"])
+    with pytest.raises(TypeError, match="string"):
+        lora.quantize(m, targets="0")
+    with pytest.raises(ValueError, match="block_size"):
+        lora.quantize(m, block_size=48)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+    tied = nn.Module()
+    tied.embed = nn.Embedding(10, 8)
+    tied.head = nn.Linear(8, 10, bias=False)
+    tied.head.weight = tied.embed.weight
+    with pytest.raises(ValueError, match="shared with"):
+        lora.quantize(tied)
+
+    merged = nn.Sequential(lora.Linear(8, 8, r=2))
+    randomize_adapters(merged)
+    lora.merge_lora(merged)
+    with pytest.raises(ValueError, match="merged"):
+        lora.quantize(merged)
+
+    gpt2 = nn.Sequential(lora.Linear(8, 8, r=2, fan_in_fan_out=True))
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        lora.quantize(gpt2)
+
+    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
+        lora.quantize(nn.Sequential(nn.Linear(8, 8).double()))
+
+    with pytest.raises(ValueError, match="meta"):
+        lora.quantize(nn.Sequential(nn.Linear(8, 8, device="meta")))
+
+    with pytest.raises(ValueError, match="dtype"):
+        lora.dequantize(m, dtype=torch.int8)
+    with pytest.raises(ValueError, match="Linear4bit.from_linear"):
+        lora.quantize(nn.Linear(8, 8))
+
+
+def test_4bit_weight_cannot_train():
+    q = Weight4bit.quantize(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="frozen"):
+        q.requires_grad_(True)
+    assert not q.requires_grad and q.requires_grad_(False) is q
+
+
+def test_linear4bit_function_on_the_nf4_tensors_directly():
+    w = torch.randn(32, 64)
+    q = Weight4bit(nf4.quantize(w, double_quant=False))
+    x = torch.randn(2, 64)
+    assert torch.equal(linear4bit(x, q), x @ q.dequantize().T)
+
+
+def test_dora_and_pissa_over_4bit_are_refused_before_anything_changes():
+    """QLoRA is plain LoRA over the 4-bit weight: DoRA needs the weight's norm and PiSSA / OLoRA rewrite the base,
+    so both are refused, whichever comes first (inject over 4 bits, or quantize over DoRA / PiSSA)."""
+    m = model()
+    lora.quantize(m)
+    packed = m[0].weight.packed.clone()
+    for kwargs in ({"use_dora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}):
+        with pytest.raises(ValueError, match="4-bit"):
+            lora.inject(m, ["0"], r=4, **kwargs)
+        assert type(m[0]) is Linear4bit and torch.equal(m[0].weight.packed, packed)
+    for kwargs in ({"use_dora": True}, {"init_lora_weights": "pissa"}):
+        m = model()
+        lora.inject(m, ["0"], r=4, **kwargs)
+        before = {k: v.clone() for k, v in m.state_dict().items()}
+        with pytest.raises(ValueError, match="cannot quantize '0'"):
+            lora.quantize(m)
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+        assert not any(isinstance(x, Weight4bit) for x in m.modules())
+
+
+def test_named_adapters_over_a_4bit_base(tmp_path):
+    """The routed forward (several adapters, mixed batches) computes the frozen 4-bit GEMM too."""
+    m = model()
+    lora.quantize(m)
+    lora.inject(m, ["0", "2"], r=4)
+    randomize_adapters(m, seed=1)
+    x = torch.randn(6, 64)
+    alone = m(x)
+    other = model()
+    lora.quantize(other)
+    lora.inject(other, ["0", "2"], r=2)
+    randomize_adapters(other, seed=2)
+    lora.save_lora(other, tmp_path / "b.safetensors")
+    lora.load_lora(m, tmp_path / "b.safetensors", adapter_name="b")
+    with lora.adapter_batch(m, [None, "b", None, "b", None, None]):
+        mixed = m(x)
+    torch.testing.assert_close(mixed[[1, 3]], other(x)[[1, 3]], rtol=0, atol=1e-6)
+    lora.set_adapter(m, None)  # rows without an adapter are the 4-bit base alone
+    base = m(x)
+    torch.testing.assert_close(mixed[[0, 2, 4, 5]], base[[0, 2, 4, 5]], rtol=0, atol=1e-6)
+    assert not torch.allclose(base, alone)  # the default adapter does change the output

@@ -190,6 +190,17 @@ class _LinearKind(LoRABase):
             b_parts.append(torch.cat([B[b_row:b_row + size], -B0[b_row:b_row + size]], dim=1))
         return torch.cat(a_parts), torch.cat(b_parts)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (..., in)`` -> ``(..., out)``: the frozen product (4-bit weights included) plus the adapter, by
+        the kind's ``_lora_forward`` (or DoRA's); other adapters and mixed batches go through :mod:`lora.adapters`."""
+        if is_routed(self):  # another adapter than the default, or a mixed batch (lora.adapters)
+            return routed_forward(self, x)
+        if self.merged or not has_adapter(self):
+            return base_linear(x, self._weight_out_in(), self.bias)
+        if self.use_dora:
+            return self._dora_forward(x)
+        return self._lora_forward(x, self.bias, dropout=True)
+
     def _dora_forward(self, x: torch.Tensor) -> torch.Tensor:
         """DoRA: ``f * (x W^T + s x A^T B^T) + b`` with ``f = magnitude / ||W + s B A||`` per output (1 for rows
         without a magnitude). Under dropout, PEFT's form: ``x W^T + b + (f - 1) * d W^T + f * s d A^T B^T`` with
@@ -286,15 +297,6 @@ class Linear(_LinearKind, nn.Linear):
         """``scaling * B @ A`` in fp32 (fp64 for an fp64 adapter), shaped like ``weight`` (``(in, out)`` if
         ``fan_in_fan_out``)."""
         return self._delta_out_in([(0, self.out_features, self.lora_A, self.lora_B)])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_routed(self):  # another adapter than the default, or a mixed batch (lora.adapters)
-            return routed_forward(self, x)
-        if self.merged or not has_adapter(self):
-            return base_linear(x, self._weight_out_in(), self.bias)
-        if self.use_dora:
-            return self._dora_forward(x)
-        return self._lora_forward(x, self.bias, dropout=True)
 
     def _lora_forward(self, x: torch.Tensor, bias: torch.Tensor | None, dropout: bool) -> torch.Tensor:
         """``x W^T + bias + s dropout(x) A^T B^T`` (no dropout unless ``dropout``)."""
@@ -434,15 +436,6 @@ class MergedLinear(_LinearKind, nn.Linear):
         for i, (start, size, b_row) in enumerate(self._blocks()):
             B[start:start + size, i * r:(i + 1) * r] = B_stacked[b_row:b_row + size]
         return A, B
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if is_routed(self):  # another adapter than the default, or a mixed batch (lora.adapters)
-            return routed_forward(self, x)
-        if self.merged or not has_adapter(self):
-            return base_linear(x, self._weight_out_in(), self.bias)
-        if self.use_dora:
-            return self._dora_forward(x)
-        return self._lora_forward(x, self.bias, dropout=True)
 
     def _lora_forward(self, x: torch.Tensor, bias: torch.Tensor | None, dropout: bool) -> torch.Tensor:
         """``x W^T + bias`` plus each enabled slice's ``s dropout(x) A_i^T B_i^T`` (no dropout unless ``dropout``)."""

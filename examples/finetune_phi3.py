@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 import lora
-from lora.data import causal_lm_loss, count_targets
+from lora.data import count_targets
 from lora.phi3 import (
     IGNORE_INDEX,
     QKV_SLICES,
@@ -336,10 +336,16 @@ def lr_lambda(cfg: dict, total_steps: int):
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled tokens, and their count."""
+    """Sum of next-token cross-entropy over labelled tokens, and their count.
+
+    The model's ``labels=`` path (:func:`lora.data.lm_head_loss`) puts only the labelled positions through the LM
+    head, in chunks: no (B, T, vocab) logits. Every row has a target (``tokenize_all`` drops the others), so the
+    mean times the count is the sum.
+    """
+    n = count_targets(batch["labels"])
     with torch.autocast("cuda" if batch["input_ids"].is_cuda else "cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, vocab)
-    return causal_lm_loss(logits, batch["labels"], reduction="sum"), count_targets(batch["labels"])
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss * n, n
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from lora.data import (
     collate,
     count_targets,
     length_grouped_batches,
+    lm_head_loss,
     load_conversations,
     split_train_eval,
     to_messages,
@@ -226,6 +227,81 @@ def test_causal_lm_loss_gradient_and_arguments() -> None:
         causal_lm_loss(logits, labels, reduction="none")
     with pytest.raises(ValueError, match="labels shape"):
         causal_lm_loss(logits, labels[:, :4])
+
+
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), length=st.integers(1, 9), chunk=st.sampled_from([1, 2, 3, 5, 7, 64, None]),
+       head_grad=st.booleans(), seed=st.integers(0, 2**16))
+def test_lm_head_loss_is_the_full_computation(batch: int, length: int, chunk: int | None, head_grad: bool,
+                                               seed: int) -> None:
+    """Loss and gradients as causal_lm_loss over the full logits (fp32, 1e-6): rows without any label, scattered
+    IGNORE_INDEX, chunk sizes that do not divide the labelled positions, a frozen or trained head."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 6, generator=gen).requires_grad_(head_grad)
+    labels = torch.randint(0, 13, (batch, length), generator=gen)
+    labels[torch.rand(batch, length, generator=gen) < 0.4] = IGNORE_INDEX
+    labels[0] = IGNORE_INDEX  # a row with nothing to learn
+    inputs = (hidden, weight) if head_grad else (hidden,)
+    for reduction in ("sum", "mean"):
+        expected = causal_lm_loss(hidden @ weight.T, labels, reduction=reduction)
+        got = lm_head_loss(hidden, weight, labels, reduction=reduction, chunk_size=chunk)
+        if reduction == "mean" and not count_targets(labels):
+            assert torch.isnan(got) and torch.isnan(expected)
+            continue
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        # a non-unit upstream gradient, as a loss scaled by 1 / (tokens of the whole step) gets
+        for g, e in zip(torch.autograd.grad(got * 0.37, inputs), torch.autograd.grad(expected * 0.37, inputs)):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_lm_head_loss_tied_head_bf16_and_no_grad() -> None:
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.nn.Embedding(17, 8)
+    ids = torch.randint(0, 17, (2, 6), generator=gen)
+    labels = ids.clone()
+    labels[1, :3] = IGNORE_INDEX
+
+    def loss(fn):
+        embed.zero_grad()
+        hidden = embed(ids) * 2 + 1  # the tied weight is reached twice: through the input and as the head
+        out = fn(hidden)
+        out.backward()
+        return out.detach(), embed.weight.grad.clone()
+
+    expected = loss(lambda h: causal_lm_loss(h @ embed.weight.T, labels))
+    got = loss(lambda h: lm_head_loss(h, embed.weight, labels, chunk_size=4))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the matmul in bf16 as the head's would be, the rest fp32
+        expected = loss(lambda h: causal_lm_loss(torch.nn.functional.linear(h, embed.weight), labels))
+        got = loss(lambda h: lm_head_loss(h, embed.weight, labels, chunk_size=3))
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=2e-2)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=2e-2)
+
+    with torch.no_grad():
+        hidden = embed(ids)
+        torch.testing.assert_close(lm_head_loss(hidden, embed.weight, labels, chunk_size=5),
+                                   causal_lm_loss(hidden @ embed.weight.T, labels), rtol=1e-6, atol=1e-6)
+
+
+def test_lm_head_loss_arguments() -> None:
+    hidden, weight = torch.randn(2, 4, 3), torch.randn(5, 3)
+    labels = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="reduction"):
+        lm_head_loss(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="labels shape"):
+        lm_head_loss(hidden, weight, labels[:, :3])
+    with pytest.raises(ValueError, match="weight shape"):
+        lm_head_loss(hidden, weight.T, labels)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {bad!r}"):
+            lm_head_loss(hidden, weight, labels, chunk_size=bad)
+    labels[1, 2] = 5
+    with pytest.raises(ValueError, match="label 5 is outside the vocabulary"):
+        lm_head_loss(hidden, weight, labels)
 
 
 def test_phi3_names_are_the_same_objects() -> None:

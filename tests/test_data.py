@@ -20,10 +20,12 @@ from lora.data import (
     Message,
     causal_lm_loss,
     collate,
+    collate_packed,
     count_targets,
     length_grouped_batches,
     lm_head_loss,
     load_conversations,
+    shuffled_batches,
     split_train_eval,
     to_messages,
 )
@@ -308,3 +310,34 @@ def test_phi3_names_are_the_same_objects() -> None:
     for name in ("IGNORE_INDEX", "collate", "length_grouped_batches", "load_conversations", "split_train_eval"):
         assert getattr(lora.phi3, name) is getattr(lora.data, name)
         assert getattr(lora.phi3.chat, name) is getattr(lora.data, name)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=9))
+def test_collate_packed_keeps_every_token_once(lengths: list[int]) -> None:
+    batch = [{"input_ids": [100 * i + t for t in range(n)], "labels": [-(100 * i + t) - 1 for t in range(n)]}
+             for i, n in enumerate(lengths)]
+    out = collate_packed(batch, pad_token_id=7)
+    assert out["input_ids"].shape[1] == max(lengths) and out["input_ids"].shape[0] <= len(lengths)
+    for i, item in enumerate(batch):
+        where = out["segment_ids"] == i
+        assert where.sum() == lengths[i] and out["attention_mask"][where].all()
+        assert out["input_ids"][where].tolist() == item["input_ids"]  # contiguous, in order
+        assert out["position_ids"][where].tolist() == list(range(lengths[i]))
+        assert out["labels"][where].tolist() == [IGNORE_INDEX, *item["labels"][1:]]  # never the previous item's
+    pad = out["segment_ids"] == -1
+    assert (out["attention_mask"][pad] == 0).all() and (out["input_ids"][pad] == 7).all()
+    assert (out["labels"][pad] == IGNORE_INDEX).all()
+    assert count_targets(out["labels"]) == count_targets(collate(batch, pad_token_id=7)["labels"])
+
+
+def test_shuffled_batches_and_packing_arguments() -> None:
+    batches = shuffled_batches(10, 4, seed=1, epoch=0)
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(sum(batches, [])) == list(range(10))
+    assert batches == shuffled_batches(10, 4, seed=1, epoch=0) != shuffled_batches(10, 4, seed=1, epoch=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        shuffled_batches(10, 0, seed=1, epoch=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        collate_packed([], pad_token_id=0)
+    with pytest.raises(ValueError, match=r"batch\[0\] has 2 input_ids but 1 labels"):
+        collate_packed([{"input_ids": [1, 2], "labels": [1]}], pad_token_id=0)

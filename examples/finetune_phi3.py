@@ -88,6 +88,7 @@ training_config = dict(
     seed=0,
     bf16=False,  # bf16 weights and autocast (LoRA parameters stay fp32)
     gradient_checkpointing=False,
+    compile=False,  # torch.compile each decoder layer (measured: docs/performance.md)
     packing=False,  # several conversations per row, no padding (measured: docs/performance.md)
     skip_malformed=False,  # skip (and count) malformed JSONL lines instead of stopping
     num_samples=4,  # replies shown before and after training
@@ -133,6 +134,7 @@ setting_help = {
     "seed": ("training", "seed of the LoRA init, dropout, data order and eval split"),
     "bf16": ("training", "bf16 weights and autocast (LoRA parameters stay fp32)"),
     "gradient_checkpointing": ("training", "recompute activations in the backward pass: less memory, slower"),
+    "compile": ("training", "torch.compile each decoder layer with its LoRA layers (the first steps compile)"),
     "packing": ("training", "batches of shuffled conversations packed into shared rows (positions restart, attention "
                             "stays within each conversation) instead of length-grouped padded batches"),
     "skip_malformed": ("data", "skip (and count) malformed JSONL lines instead of stopping"),
@@ -597,6 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
                          use_dora=lcfg["use_dora"], init_lora_weights=lcfg["init_lora_weights"])
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
+    if cfg["compile"]:
+        model.compile_layers()
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(f"model {args.model}: {model.num_parameters():,} parameters, {sum(p.numel() for p in trainable):,} trainable"
         f" ({'full fine-tuning' if cfg['full_finetune'] else 'LoRA'}), {dtype}, {device}, world size {world}")

@@ -455,6 +455,13 @@ class Phi3ForCausalLM(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.model.gradient_checkpointing
 
+    def compile_layers(self, **compile_kwargs: object) -> None:
+        """``torch.compile`` each decoder layer in place (``nn.Module.compile``), with any LoRA layers inside it:
+        parameter names and the state dict stay as they are, and gradient checkpointing still recomputes each
+        layer. ``compile_kwargs`` go to ``torch.compile`` (``backend=``, ``mode=``, ``dynamic=``)."""
+        for layer in self.model.layers:
+            layer.compile(**compile_kwargs)
+
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (a tied embedding counted once); only those with ``requires_grad`` if asked."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

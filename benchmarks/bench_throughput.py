@@ -63,7 +63,7 @@ def _rows(kind: str) -> list[dict]:
     return rows
 
 
-def build_pass(rows: list[dict], packing: bool) -> Callable[[], float]:
+def build_pass(rows: list[dict], packing: bool, compile: bool = False) -> Callable[[], float]:
     """One pass over ``rows`` in micro-batches of BATCH, as the example trains: forward with labels, backward, AdamW."""
     import lora
     from lora.phi3 import Phi3ForCausalLM
@@ -72,6 +72,8 @@ def build_pass(rows: list[dict], packing: bool) -> Callable[[], float]:
     lora.phi3.inject(model, r=16, lora_alpha=32, lora_dropout=0.05)
     lora.mark_only_lora_as_trainable(model)
     model.train()
+    if compile:
+        model.compile_layers()  # inductor; the warm-up pass compiles (and recompiles once for dynamic shapes)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if packing:
         batches = [collate_packed([rows[i] for i in b], 256) for b in shuffled_batches(len(rows), BATCH, 0, 0)]
@@ -108,6 +110,21 @@ def packing_rows(args: argparse.Namespace) -> list[Row]:
             extra = {"tok/s": f"{tokens / (ms / 1e3):.0f}", "padding": f"{1 - tokens / cells:.1%}"}
             label = f"tiny Phi-3 + LoRA, {len(data)} conversations ({kind}), batches of {BATCH}"
             rows.append(Row(label, impl, stats, ms, None, "", None, extra))
+    return rows
+
+
+def compile_rows(args: argparse.Namespace) -> list[Row]:
+    data = _rows("built-in data")
+    print("running compile (the warm-up pass compiles) ...", file=sys.stderr, flush=True)
+    steps = {"eager": build_pass(data, packing=False), "compiled": build_pass(data, packing=False, compile=True)}
+    times = _timing.interleaved(steps, args.rounds, warmup=2, seed=args.seed)
+    rows = []
+    for impl, step in steps.items():
+        stats = None if impl == "eager" else _timing.ratio_stats(times, impl, "eager")
+        ms = _timing.median_ms(times[impl])
+        extra = {"tok/s": f"{step.shape[1] / (ms / 1e3):.0f}"}
+        label = f"tiny Phi-3 + LoRA, {len(data)} conversations (built-in data), batches of {BATCH}, torch.compile"
+        rows.append(Row(label, impl, stats, ms, None, "", None, extra))
     return rows
 
 
@@ -151,8 +168,10 @@ def phi4_rows(args: argparse.Namespace) -> list[Row]:
             print(f"  peak of {impl} not measured: {res.error}", file=sys.stderr)
         peaks[impl] = res.mb
     base = peaks["transformers+peft"]
-    label = (f"Phi-4-mini-shaped step (vocab 200064, hidden 3072, {args.phi4_layers} layer(s), tied), "
-             f"1 x {args.phi4_seq}, {PHI4_LABELLED:.0%} labelled, LoRA r=16")
+    label = (
+        f"Phi-4-mini-shaped step (vocab 200064, hidden 3072, {args.phi4_layers} layer(s), tied), "
+        f"1 x {args.phi4_seq}, {PHI4_LABELLED:.0%} labelled, LoRA r=16"
+    )
     for impl, mb in peaks.items():
         extra = {"peak ratio": "" if impl != "ours" or not base or not mb else f"{mb / base:.2f}x"}
         met = None if impl != "ours" or not base or not mb else mb <= 0.6 * base
@@ -160,15 +179,19 @@ def phi4_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-CASE_NAMES = ["packing", "phi4"]
+CASE_NAMES = ["packing", "compile", "phi4"]
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     _timing.add_common_args(p, ROUNDS, QUICK_ROUNDS, CASE_NAMES)
     p.add_argument("--phi4-seq", type=int, default=PHI4_SEQ, help=f"tokens in the Phi-4 step (default: {PHI4_SEQ})")
-    p.add_argument("--phi4-layers", type=int, default=PHI4_LAYERS,
-                   help=f"decoder layers of the Phi-4-shaped model (default: {PHI4_LAYERS})")
+    p.add_argument(
+        "--phi4-layers",
+        type=int,
+        default=PHI4_LAYERS,
+        help=f"decoder layers of the Phi-4-shaped model (default: {PHI4_LAYERS})",
+    )
     args = p.parse_args(argv)
     _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
     if args.child:
@@ -182,11 +205,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown cases {sorted(set(wanted) - set(CASE_NAMES))}")
     print("## bench_throughput: packing, and the chunked loss's peak memory\n")
     print(_timing.header(torch.float32))
-    print(f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); tok/s counts real tokens; "
-          "peak MB: fresh subprocess per implementation, VmHWM during one step minus RSS after imports\n")
+    print(
+        f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); tok/s counts real tokens; "
+        "peak MB: fresh subprocess per implementation, VmHWM during one step minus RSS after imports\n"
+    )
     rows: list[Row] = []
     for name in wanted:
-        rows += packing_rows(args) if name == "packing" else phi4_rows(args)
+        rows += {"packing": packing_rows, "compile": compile_rows, "phi4": phi4_rows}[name](args)
     print(_timing.markdown_table(rows, extra_columns=["tok/s", "padding", "peak ratio"]))
     return 0
 

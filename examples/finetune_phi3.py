@@ -18,8 +18,9 @@ run refuses a non-empty run directory: ``--resume`` continues it (with the same 
 ``--overwrite_output_dir`` clears it. The run ends by listing what it wrote and the command to chat with it.
 
 Data: JSONL in OpenAI/TRL ``messages``, ShareGPT ``conversations`` or Alpaca ``instruction/input/output`` form.
-The loss covers assistant tokens only (content and its ``<|end|>``). Batches group conversations of similar length
-(rather than packing several into one row) so no conversation attends to another and padding stays small.
+The loss covers assistant tokens only (content and its ``<|end|>``), and only those positions go through the LM head
+(in chunks: no full-vocabulary logits). Batches group conversations of similar length so padding stays small;
+``--packing`` instead packs shuffled conversations into shared rows, each attending only to itself.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 import lora
-from lora.data import causal_lm_loss, count_targets
+from lora.data import collate_packed, count_targets, shuffled_batches
 from lora.phi3 import (
     IGNORE_INDEX,
     Phi3Config,
@@ -92,6 +93,8 @@ training_config = dict(
     seed=0,
     bf16=False,  # bf16 weights and autocast (LoRA parameters stay fp32)
     gradient_checkpointing=False,
+    compile=False,  # torch.compile each decoder layer (measured: docs/performance.md)
+    packing=False,  # several conversations per row, no padding (measured: docs/performance.md)
     skip_malformed=False,  # skip (and count) malformed JSONL lines instead of stopping
     num_samples=4,  # replies shown before and after training
     max_new_tokens=64,
@@ -138,6 +141,9 @@ setting_help = {
     "seed": ("training", "seed of the LoRA init, dropout, data order and eval split"),
     "bf16": ("training", "bf16 weights and autocast (LoRA parameters stay fp32)"),
     "gradient_checkpointing": ("training", "recompute activations in the backward pass: less memory, slower"),
+    "compile": ("training", "torch.compile each decoder layer with its LoRA layers (the first steps compile)"),
+    "packing": ("training", "batches of shuffled conversations packed into shared rows (positions restart, attention "
+                            "stays within each conversation) instead of length-grouped padded batches"),
     "skip_malformed": ("data", "skip (and count) malformed JSONL lines instead of stopping"),
     "num_samples": ("output", "eval prompts whose replies are shown before and after training"),
     "max_new_tokens": ("output", "longest reply generated for the samples and held-out questions"),
@@ -336,9 +342,14 @@ def tokenize_all(conversations: list, tokenizer, max_len: int) -> tuple[list[dic
     return rows, {"truncated": truncated, "dropped_no_target": empty}
 
 
-def step_batches(rows: list[dict], batch_size: int, accum: int, seed: int, epoch: int) -> list[list[list[int]]]:
-    """An epoch as optimizer steps, each a list of ``accum`` micro-batches of row indices (global, all ranks)."""
-    batches = length_grouped_batches([len(r["input_ids"]) for r in rows], batch_size, seed, epoch)
+def step_batches(rows: list[dict], batch_size: int, accum: int, seed: int, epoch: int,
+                 packing: bool = False) -> list[list[list[int]]]:
+    """An epoch as optimizer steps, each a list of ``accum`` micro-batches of row indices (global, all ranks).
+    Packed batches need no grouping by length: :func:`collate_packed` leaves (almost) no padding."""
+    if packing:
+        batches = shuffled_batches(len(rows), batch_size, seed, epoch)
+    else:
+        batches = length_grouped_batches([len(r["input_ids"]) for r in rows], batch_size, seed, epoch)
     return [batches[i:i + accum] for i in range(0, len(batches) - accum + 1, accum)]
 
 
@@ -358,10 +369,17 @@ def lr_lambda(cfg: dict, total_steps: int):
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor], autocast: bool) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled tokens, and their count."""
+    """Sum of next-token cross-entropy over labelled tokens, and their count.
+
+    The model's ``labels=`` path (:func:`lora.data.lm_head_loss`) puts only the labelled positions through the LM
+    head, in chunks: no (B, T, vocab) logits. Every row has a target (``tokenize_all`` drops the others), so the
+    mean times the count is the sum.
+    """
+    n = count_targets(batch["labels"])
     with torch.autocast("cuda" if batch["input_ids"].is_cuda else "cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, vocab)
-    return causal_lm_loss(logits, batch["labels"], reduction="sum"), count_targets(batch["labels"])
+        packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}  # from collate_packed
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], **packed)
+    return out.loss * n, n
 
 
 @torch.no_grad()
@@ -460,7 +478,7 @@ def run_settings(args: argparse.Namespace, cfg: dict, lcfg: dict, world: int) ->
     """What a checkpoint must share with the run that resumes from it: the model, the data and how it is cut into
     batches, the LoRA settings. (The step count, schedule, logging and outputs may change between the two.)"""
     keys = ("seed", "max_seq_length", "eval_fraction", "skip_malformed", "gradient_accumulation_steps",
-            "full_finetune", "bf16", "quantize")
+            "full_finetune", "bf16", "quantize", "packing")
     return {
         "model": str(args.model.resolve()),
         "data": _digest(args.data, "--data"),
@@ -656,6 +674,8 @@ def main(argv: list[str] | None = None) -> dict:
                          use_dora=lcfg["use_dora"], init_lora_weights=lcfg["init_lora_weights"])
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
+    if cfg["compile"]:
+        model.compile_layers()
     trainable = [p for p in model.parameters() if p.requires_grad]
     say(f"model {args.model}: {model.num_parameters():,} parameters, {sum(p.numel() for p in trainable):,} trainable"
         f" ({'full fine-tuning' if cfg['full_finetune'] else 'LoRA'}), {dtype}"
@@ -690,7 +710,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{train_counts['dropped_no_target']} dropped with no assistant token left")
 
     global_bs = cfg["per_device_train_batch_size"] * world
-    steps_per_epoch = len(step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], 0))
+    steps_per_epoch = len(step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], 0,
+                                       cfg["packing"]))
     total_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else steps_per_epoch * cfg["num_train_epochs"]
     if cfg["loraplus_lr_ratio"] != 1 and not cfg["full_finetune"]:  # LoRA+: B (and DoRA's magnitude) learn faster
         params = lora.loraplus_param_groups(model, lr=cfg["learning_rate"], ratio=cfg["loraplus_lr_ratio"],
@@ -739,14 +760,16 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     tokens_seen, t0, window_loss, window_tokens = 0, time.time(), 0.0, 0
     while position["step"] < total_steps:
-        steps = step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], position["epoch"])
+        steps = step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], position["epoch"],
+                             cfg["packing"])
+        collate_train = collate_packed if cfg["packing"] else collate
         for micro_batches in steps[position["batch_in_epoch"]:]:
             # Normalise by the labelled tokens of the whole optimizer step (all micro-batches, all ranks), so the
             # gradient does not depend on how the step is split; DDP averages over ranks, hence the * world.
             n_target = sum(train_rows[j]["n_target"] for mb in micro_batches for j in mb)
             for k, mb in enumerate(micro_batches):
                 batch = {key: v.to(device) for key, v in
-                         collate([train_rows[j] for j in mb[rank::world]], tokenizer.pad_token_id).items()}
+                         collate_train([train_rows[j] for j in mb[rank::world]], tokenizer.pad_token_id).items()}
                 last = k == len(micro_batches) - 1
                 if cfg["fsdp"]:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
                     model.set_requires_gradient_sync(last)

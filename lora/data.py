@@ -3,9 +3,12 @@
 * :func:`load_conversations` reads JSONL chats in OpenAI/TRL ``messages``, ShareGPT ``conversations`` or Alpaca
   ``instruction/input/output`` form into ``[{"role", "content"}, ...]`` lists (:func:`to_messages` for one record).
 * :func:`split_train_eval` holds out a seeded fraction; :func:`length_grouped_batches` groups similar lengths;
-  :func:`collate` right-pads a batch.
+  :func:`collate` right-pads a batch;
+  :func:`shuffled_batches` with :func:`collate_packed` packs conversations of any lengths into few rows instead.
 * :func:`causal_lm_loss` is the next-token cross-entropy every causal LM here is trained with, and
-  :data:`IGNORE_INDEX` the label value it skips.
+  :data:`IGNORE_INDEX` the label value it skips; :func:`lm_head_loss` is the same loss from the final hidden states
+  and the LM head weight, computed on the labelled positions only and in chunks, so the (tokens, vocab) logits never
+  exist at once.
 
 How a conversation becomes token ids and labels depends on the model's chat template: that lives with the model
 (:mod:`lora.phi3.chat` for Phi-3).
@@ -30,9 +33,12 @@ __all__ = [
     "Message",
     "causal_lm_loss",
     "collate",
+    "collate_packed",
     "count_targets",
     "length_grouped_batches",
+    "lm_head_loss",
     "load_conversations",
+    "shuffled_batches",
     "split_train_eval",
     "to_messages",
 ]
@@ -246,6 +252,63 @@ def length_grouped_batches(
     return batches
 
 
+def shuffled_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """``range(n)`` shuffled and cut into batches of ``batch_size`` (the last may be smaller), for packing: no
+    grouping by length is needed when :func:`collate_packed` removes the padding. Depends only on the arguments."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = list(range(n))
+    random.Random(f"shuffled_batches:{seed}:{epoch}").shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def collate_packed(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Pack a batch of ``{"input_ids", "labels"}`` into as few rows as first-fit decreasing finds, each row no
+    longer than the batch's longest item, so that attention costs no more than :func:`collate`'s padded batch.
+
+    Returns :func:`collate`'s ``input_ids``, ``labels`` and ``attention_mask`` (R, T) and, per token,
+    ``position_ids`` (R, T) restarting at 0 with each item and ``segment_ids`` (R, T): the item's index in ``batch``
+    (-1 on padding), for a block-diagonal causal mask. Each item's first label is set to :data:`IGNORE_INDEX`: it
+    would be the previous item's last token's target, which the unpacked batch does not have.
+    """
+    if not batch:
+        raise ValueError("collate_packed needs a non-empty batch")
+    lengths = []
+    for b, item in enumerate(batch):
+        if len(item["input_ids"]) != len(item["labels"]):
+            raise ValueError(f"batch[{b}] has {len(item['input_ids'])} input_ids but {len(item['labels'])} labels")
+        lengths.append(len(item["input_ids"]))
+    capacity = max(lengths)
+    rows: list[list[int]] = []  # item indices per row
+    room: list[int] = []
+    for i in sorted(range(len(batch)), key=lambda i: lengths[i], reverse=True):
+        r = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    T = max(capacity - free for free in room)
+    input_ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), T), dtype=torch.long)
+    segment_ids = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, members in enumerate(rows):
+        start = 0
+        for i in members:
+            end = start + lengths[i]
+            input_ids[r, start:end] = torch.as_tensor(batch[i]["input_ids"], dtype=torch.long)
+            labels[r, start + 1 : end] = torch.as_tensor(batch[i]["labels"][1:], dtype=torch.long)
+            attention_mask[r, start:end] = 1
+            position_ids[r, start:end] = torch.arange(lengths[i])
+            segment_ids[r, start:end] = i
+            start = end
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
+            "position_ids": position_ids, "segment_ids": segment_ids}
+
+
 # ---------------------------------------------------------------- the loss
 
 
@@ -275,3 +338,121 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = 
 def count_targets(labels: torch.Tensor) -> int:
     """How many next-token targets :func:`causal_lm_loss` counts in ``labels: (B, T)``."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+# Positions per chunk of lm_head_loss by default: a chunk's fp32 logits are then at most 2**26 floats (256 MiB) for
+# any vocabulary: 2,092 positions of Phi-3's 32,064 words, 335 of Phi-4-mini's 200,064.
+_CHUNK_ELEMENTS = 2**26
+
+
+def lm_head_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """:func:`causal_lm_loss` of ``logits = hidden @ weight.T``, without the (B, T, vocab) logits.
+
+    Only the positions with a next-token label (``labels[:, t + 1] != IGNORE_INDEX``) go through the LM head, and
+    those in chunks of ``chunk_size`` positions (default: as many as keep a chunk's fp32 logits at 2**26 floats).
+    When a gradient is needed, each chunk's gradient with respect to its hidden states (and to ``weight``, if it
+    requires one) is computed right after its loss, from the same chunk of logits, and kept for the backward pass:
+    neither pass ever holds more than one chunk of logits, and the logits are computed once.
+
+    Args:
+        hidden: (B, T, hidden) final hidden states (after the final norm).
+        weight: (vocab, hidden) the LM head's weight (no bias, as Phi-3's).
+        labels: (B, T) token ids, :data:`IGNORE_INDEX` where no loss applies (unshifted, as in transformers).
+        reduction: ``"mean"`` over the labelled targets (NaN when there are none, as torch's) or ``"sum"``.
+        chunk_size: positions per chunk, >= 1.
+
+    Under autocast the matmuls run in the autocast dtype (as ``lm_head(hidden)`` would); the log-softmax, the loss
+    and ``weight``'s gradient accumulate in fp32. Returns a 0-d fp32 tensor.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
+        raise ValueError(f"labels shape {tuple(labels.shape)} must be hidden shape {tuple(hidden.shape)} minus hidden")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"weight shape {tuple(weight.shape)} must be (vocab, {hidden.shape[2]})")
+    vocab = weight.shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // vocab)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    targets = F.pad(labels.to(hidden.device), (0, 1), value=IGNORE_INDEX)[:, 1:].flatten()  # (B*T,): labels[:, t+1]
+    where = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # (N,) flat positions that have a target
+    targets = targets[where]
+    if targets.numel() and not bool(((targets >= 0) & (targets < vocab)).all()):
+        bad = targets[(targets < 0) | (targets >= vocab)][0].item()
+        raise ValueError(f"label {bad} is outside the vocabulary [0, {vocab}) (use {IGNORE_INDEX} to ignore)")
+    selected = hidden.flatten(0, 1).index_select(0, where)  # (N, hidden)
+
+    dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else None
+    if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
+        total = _ChunkedLMHeadLoss.apply(selected, weight, targets, chunk_size, dtype)
+    else:
+        total = _chunked_loss(selected, weight, targets, chunk_size, dtype, want_hidden_grad=False,
+                              want_weight_grad=False)[0]
+    return total if reduction == "sum" else total / targets.numel()
+
+
+def _chunked_loss(
+    selected: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    dtype: torch.dtype | None,
+    want_hidden_grad: bool,
+    want_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Summed cross-entropy of ``selected: (N, hidden) @ weight.T`` against ``targets: (N,)``, chunk by chunk, and
+    the gradients of that sum with respect to ``selected`` and ``weight`` (fp32) where asked for."""
+    compute = dtype if dtype is not None else torch.promote_types(selected.dtype, weight.dtype)
+    w = weight.detach().to(compute)
+    total = torch.zeros((), dtype=torch.float32, device=selected.device)
+    grad_hidden = torch.empty_like(selected) if want_hidden_grad else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight_grad else None
+    with torch.autocast(selected.device.type, enabled=False):
+        for start in range(0, targets.numel(), chunk_size):
+            h = selected[start : start + chunk_size].detach().to(compute)  # (n, hidden)
+            t = targets[start : start + chunk_size]
+            logits = (h @ w.T).float()  # (n, hidden) @ (hidden, vocab) -> (n, vocab)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (want_hidden_grad or want_weight_grad):
+                continue
+            # d(sum of -log softmax[target]) / d logits = softmax - one_hot(target), written into the logits' memory
+            grad = logits.sub_(lse[:, None]).exp_()
+            grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
+            if grad_hidden is not None:
+                grad_hidden[start : start + chunk_size] = grad.to(compute) @ w  # (n, vocab) @ (vocab, hidden)
+            if grad_weight is not None:
+                grad_weight += grad.T @ h.float()  # (vocab, n) @ (n, hidden) -> (vocab, hidden)
+    return total, grad_hidden, grad_weight
+
+
+class _ChunkedLMHeadLoss(torch.autograd.Function):
+    """The summed loss of :func:`_chunked_loss`; its gradients are computed in the forward pass (one pass over the
+    logits) and scaled by the incoming gradient in the backward pass."""
+
+    @staticmethod
+    def forward(ctx, selected, weight, targets, chunk_size, dtype):  # noqa: ANN001, ANN205 (autograd's signature)
+        total, grad_hidden, grad_weight = _chunked_loss(
+            selected, weight, targets, chunk_size, dtype, ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_total):  # noqa: ANN001, ANN205
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None, None

@@ -20,9 +20,12 @@ from lora.data import (
     Message,
     causal_lm_loss,
     collate,
+    collate_packed,
     count_targets,
     length_grouped_batches,
+    lm_head_loss,
     load_conversations,
+    shuffled_batches,
     split_train_eval,
     to_messages,
 )
@@ -228,7 +231,113 @@ def test_causal_lm_loss_gradient_and_arguments() -> None:
         causal_lm_loss(logits, labels[:, :4])
 
 
+@settings(max_examples=30, deadline=None)
+@given(batch=st.integers(1, 3), length=st.integers(1, 9), chunk=st.sampled_from([1, 2, 3, 5, 7, 64, None]),
+       head_grad=st.booleans(), seed=st.integers(0, 2**16))
+def test_lm_head_loss_is_the_full_computation(batch: int, length: int, chunk: int | None, head_grad: bool,
+                                               seed: int) -> None:
+    """Loss and gradients as causal_lm_loss over the full logits (fp32, 1e-6): rows without any label, scattered
+    IGNORE_INDEX, chunk sizes that do not divide the labelled positions, a frozen or trained head."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, 6, generator=gen, requires_grad=True)
+    weight = torch.randn(13, 6, generator=gen).requires_grad_(head_grad)
+    labels = torch.randint(0, 13, (batch, length), generator=gen)
+    labels[torch.rand(batch, length, generator=gen) < 0.4] = IGNORE_INDEX
+    labels[0] = IGNORE_INDEX  # a row with nothing to learn
+    inputs = (hidden, weight) if head_grad else (hidden,)
+    for reduction in ("sum", "mean"):
+        expected = causal_lm_loss(hidden @ weight.T, labels, reduction=reduction)
+        got = lm_head_loss(hidden, weight, labels, reduction=reduction, chunk_size=chunk)
+        if reduction == "mean" and not count_targets(labels):
+            assert torch.isnan(got) and torch.isnan(expected)
+            continue
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        # a non-unit upstream gradient, as a loss scaled by 1 / (tokens of the whole step) gets
+        for g, e in zip(torch.autograd.grad(got * 0.37, inputs), torch.autograd.grad(expected * 0.37, inputs)):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+
+def test_lm_head_loss_tied_head_bf16_and_no_grad() -> None:
+    gen = torch.Generator().manual_seed(0)
+    embed = torch.nn.Embedding(17, 8)
+    ids = torch.randint(0, 17, (2, 6), generator=gen)
+    labels = ids.clone()
+    labels[1, :3] = IGNORE_INDEX
+
+    def loss(fn):
+        embed.zero_grad()
+        hidden = embed(ids) * 2 + 1  # the tied weight is reached twice: through the input and as the head
+        out = fn(hidden)
+        out.backward()
+        return out.detach(), embed.weight.grad.clone()
+
+    expected = loss(lambda h: causal_lm_loss(h @ embed.weight.T, labels))
+    got = loss(lambda h: lm_head_loss(h, embed.weight, labels, chunk_size=4))
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the matmul in bf16 as the head's would be, the rest fp32
+        expected = loss(lambda h: causal_lm_loss(torch.nn.functional.linear(h, embed.weight), labels))
+        got = loss(lambda h: lm_head_loss(h, embed.weight, labels, chunk_size=3))
+    assert got[0].dtype == torch.float32
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=2e-2)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=2e-2)
+
+    with torch.no_grad():
+        hidden = embed(ids)
+        torch.testing.assert_close(lm_head_loss(hidden, embed.weight, labels, chunk_size=5),
+                                   causal_lm_loss(hidden @ embed.weight.T, labels), rtol=1e-6, atol=1e-6)
+
+
+def test_lm_head_loss_arguments() -> None:
+    hidden, weight = torch.randn(2, 4, 3), torch.randn(5, 3)
+    labels = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="reduction"):
+        lm_head_loss(hidden, weight, labels, reduction="none")
+    with pytest.raises(ValueError, match="labels shape"):
+        lm_head_loss(hidden, weight, labels[:, :3])
+    with pytest.raises(ValueError, match="weight shape"):
+        lm_head_loss(hidden, weight.T, labels)
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {bad!r}"):
+            lm_head_loss(hidden, weight, labels, chunk_size=bad)
+    labels[1, 2] = 5
+    with pytest.raises(ValueError, match="label 5 is outside the vocabulary"):
+        lm_head_loss(hidden, weight, labels)
+
+
 def test_phi3_names_are_the_same_objects() -> None:
     for name in ("IGNORE_INDEX", "collate", "length_grouped_batches", "load_conversations", "split_train_eval"):
         assert getattr(lora.phi3, name) is getattr(lora.data, name)
         assert getattr(lora.phi3.chat, name) is getattr(lora.data, name)
+
+
+@settings(max_examples=30, deadline=None)
+@given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=9))
+def test_collate_packed_keeps_every_token_once(lengths: list[int]) -> None:
+    batch = [{"input_ids": [100 * i + t for t in range(n)], "labels": [-(100 * i + t) - 1 for t in range(n)]}
+             for i, n in enumerate(lengths)]
+    out = collate_packed(batch, pad_token_id=7)
+    assert out["input_ids"].shape[1] == max(lengths) and out["input_ids"].shape[0] <= len(lengths)
+    for i, item in enumerate(batch):
+        where = out["segment_ids"] == i
+        assert where.sum() == lengths[i] and out["attention_mask"][where].all()
+        assert out["input_ids"][where].tolist() == item["input_ids"]  # contiguous, in order
+        assert out["position_ids"][where].tolist() == list(range(lengths[i]))
+        assert out["labels"][where].tolist() == [IGNORE_INDEX, *item["labels"][1:]]  # never the previous item's
+    pad = out["segment_ids"] == -1
+    assert (out["attention_mask"][pad] == 0).all() and (out["input_ids"][pad] == 7).all()
+    assert (out["labels"][pad] == IGNORE_INDEX).all()
+    assert count_targets(out["labels"]) == count_targets(collate(batch, pad_token_id=7)["labels"])
+
+
+def test_shuffled_batches_and_packing_arguments() -> None:
+    batches = shuffled_batches(10, 4, seed=1, epoch=0)
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(sum(batches, [])) == list(range(10))
+    assert batches == shuffled_batches(10, 4, seed=1, epoch=0) != shuffled_batches(10, 4, seed=1, epoch=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        shuffled_batches(10, 0, seed=1, epoch=0)
+    with pytest.raises(ValueError, match="non-empty"):
+        collate_packed([], pad_token_id=0)
+    with pytest.raises(ValueError, match=r"batch\[0\] has 2 input_ids but 1 labels"):
+        collate_packed([{"input_ids": [1, 2], "labels": [1]}], pad_token_id=0)

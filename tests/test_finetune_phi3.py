@@ -86,6 +86,16 @@ def test_run_writes_every_output_and_learns(tiny_model, chats, tmp_path):
     torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_packing_trains_on_shuffled_packed_batches(tiny_model, chats, tmp_path):
+    """--packing: shuffled conversations in shared rows (the loss's equality with the padded batch is
+    tests/phi3/test_model.py's); the run learns, and the batches are not the length-grouped ones."""
+    rows = [{"input_ids": [0] * n} for n in (5, 40, 7, 33, 12, 2, 25, 9)]
+    assert finetune.step_batches(rows, 4, 1, 0, 0, packing=True) != finetune.step_batches(rows, 4, 1, 0, 0)
+    results = finetune.main(_args(tiny_model, chats, tmp_path / "run", "--max_steps", "12", "--learning_rate", "5e-3",
+                                  "--packing"))
+    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
+
+
 def test_killed_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_path):
     script = [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
     full = subprocess.run(script + _args(tiny_model, chats, tmp_path / "a", "--max_steps", "7"), capture_output=True, text=True)

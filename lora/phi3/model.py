@@ -14,7 +14,6 @@ import json
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from lora._io import atomic_write
 from lora.adapters import adapter_batch
 from lora.qlora import Linear4bit, Weight4bit, is_quantized
-from lora.data import causal_lm_loss
+from lora.data import causal_lm_loss, lm_head_loss
 from lora.phi3.config import Phi3Config
 
 __all__ = ["CausalLMOutput", "KVCache", "Phi3ForCausalLM"]
@@ -45,14 +44,34 @@ _TORCH_2_5 = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 _SDPA_HAS_GQA = _SDPA_ZEROES_EMPTY_ROWS = _TORCH_2_5
 
 
-@dataclass
 class CausalLMOutput:
     """``logits``: (batch, seq, vocab); ``loss``: fp32 scalar when labels were given; ``past_key_values``: the
-    updated cache when ``use_cache=True``."""
+    updated cache when ``use_cache=True``.
 
-    logits: Tensor
-    loss: Tensor | None = None
-    past_key_values: KVCache | None = None
+    With labels, the model computes the loss from the hidden states without logits (:func:`lora.data.lm_head_loss`)
+    and passes ``hidden_states`` and ``lm_head`` instead: ``logits`` is then computed on first access (outside the
+    model's autocast context, if it ran under one), so a training loop that reads only the loss never pays for it.
+    """
+
+    def __init__(
+        self,
+        logits: Tensor | None = None,
+        loss: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        hidden_states: Tensor | None = None,
+        lm_head: nn.Module | None = None,
+    ) -> None:
+        if (logits is None) == (hidden_states is None or lm_head is None):
+            raise ValueError("CausalLMOutput needs logits, or hidden_states and lm_head (not both)")
+        self._logits, self._hidden_states, self._lm_head = logits, hidden_states, lm_head
+        self.loss, self.past_key_values = loss, past_key_values
+
+    @property
+    def logits(self) -> Tensor:
+        if self._logits is None:
+            self._logits = self._lm_head(self._hidden_states)  # (B, T, hidden) -> (B, T, vocab)
+            self._hidden_states = self._lm_head = None
+        return self._logits
 
 
 class Phi3RMSNorm(nn.Module):
@@ -249,7 +268,12 @@ class Phi3DecoderLayer(nn.Module):
 
 
 def _attention_mask(
-    attention_mask: Tensor | None, past_len: int, q_len: int, sliding_window: int | None, device: torch.device
+    attention_mask: Tensor | None,
+    past_len: int,
+    q_len: int,
+    sliding_window: int | None,
+    device: torch.device,
+    segment_ids: Tensor | None = None,
 ) -> tuple[Tensor | None, bool]:
     """The mask for F.scaled_dot_product_attention, and whether its ``is_causal`` fast path applies instead.
 
@@ -257,9 +281,17 @@ def _attention_mask(
     the key timeline; it sees key j when ``j <= past_len + i``, ``past_len + i - j < sliding_window`` (transformers'
     ``kv_idx > q_idx - sliding_window``: the window counts the query itself) and key j is not padding. Returns a bool
     (B or 1, 1, q_len, kv_len) mask, or None when every query sees every earlier key.
+
+    segment_ids: (B, q_len) ints, several sequences packed into one row (no cache): key j is seen only from a query
+    of the same segment, so the mask is block-diagonal causal and attention never crosses a sequence boundary.
     """
     kv_len = past_len + q_len
     padded = False
+    if segment_ids is not None:
+        if past_len or segment_ids.dim() != 2 or segment_ids.shape[1] != q_len:
+            raise ValueError(
+                f"segment_ids must be (batch, {q_len}) without a cache (past {past_len}), got {tuple(segment_ids.shape)}"
+            )
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[1] != kv_len:
             raise ValueError(
@@ -268,7 +300,7 @@ def _attention_mask(
             )
         padded = not bool(attention_mask.all())
     windowed = sliding_window is not None and kv_len > sliding_window
-    if not padded and not windowed:
+    if not padded and not windowed and segment_ids is None:
         if past_len == 0:
             return None, q_len > 1  # SDPA's is_causal aligns top-left: right only without a cache
         if q_len == 1:
@@ -278,8 +310,12 @@ def _attention_mask(
     allowed = k_idx <= q_idx  # (T, S)
     if windowed:
         allowed = allowed & (k_idx > q_idx - sliding_window)
+    if segment_ids is not None:  # (T, S) & (B, 1, T, 1) == (B, 1, 1, S) -> (B, 1, T, S)
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    else:
+        allowed = allowed[None, None]
     if not padded:
-        return allowed[None, None], False
+        return allowed, False
     allowed = allowed & attention_mask.bool()[:, None, None, :]  # (T, S) & (B, 1, 1, S) -> (B, 1, T, S)
     if not _SDPA_ZEROES_EMPTY_ROWS:
         # A left-padding query sees no key at all, a NaN row before torch 2.5; let it see itself instead.
@@ -309,8 +345,10 @@ class Phi3Model(nn.Module):
         position_ids: Tensor | None = None,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        segment_ids: Tensor | None = None,
     ) -> tuple[Tensor, KVCache | None]:
-        """input_ids: (B, T) -> hidden states (B, T, hidden), and the updated cache when ``use_cache``."""
+        """input_ids: (B, T) -> hidden states (B, T, hidden), and the updated cache when ``use_cache``.
+        segment_ids: (B, T), packed rows: attention stays within each run of equal ids (see ``_attention_mask``)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         if past_key_values is not None and len(past_key_values) != len(self.layers):
@@ -324,7 +362,9 @@ class Phi3Model(nn.Module):
             position_ids = torch.arange(past_len, past_len + t, device=x.device)[None]
             max_position = past_len + t - 1
         cos, sin = self.rotary_emb(position_ids, x.dtype, max_position)
-        attn_mask, is_causal = _attention_mask(attention_mask, past_len, t, self.config.sliding_window, x.device)
+        attn_mask, is_causal = _attention_mask(
+            attention_mask, past_len, t, self.config.sliding_window, x.device, segment_ids
+        )
 
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         presents = []
@@ -378,6 +418,7 @@ class Phi3ForCausalLM(nn.Module):
         use_cache: bool = False,
         logits_to_keep: int = 0,
         adapter_names: list[str | None] | None = None,
+        segment_ids: Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids: (B, T) token ids; attention_mask: (B, past + T) of 1/0 (left or right padding);
         position_ids: (B or 1, T), default ``past + arange(T)``; labels: (B, T), ``-100`` ignored.
@@ -385,26 +426,30 @@ class Phi3ForCausalLM(nn.Module):
         (:func:`lora.adapter_batch`; PEFT calls this argument the same).
 
         The loss is transformers' (:func:`lora.data.causal_lm_loss`): labels shifted left by one, mean
-        cross-entropy over non-ignored tokens, in fp32.
+        cross-entropy over non-ignored tokens, in fp32; it is computed by :func:`lora.data.lm_head_loss` on the
+        labelled positions only, in chunks, and ``logits`` only when read.
         ``logits_to_keep > 0`` computes logits for the last that many positions only (generation).
+        ``segment_ids``: (B, T) for packed rows (:func:`lora.data.collate_packed`): attention never crosses from one
+        segment to another; pass the per-segment ``position_ids`` that come with them.
         """
         if adapter_names is not None:
             with adapter_batch(self, adapter_names):
-                return self(input_ids, attention_mask, position_ids, labels, past_key_values, use_cache, logits_to_keep)
-        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+                return self(input_ids, attention_mask, position_ids, labels, past_key_values, use_cache, logits_to_keep,
+                            segment_ids=segment_ids)
+        hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, segment_ids)
         if logits_to_keep:
             if labels is not None:
                 raise ValueError("labels need logits for every position; use logits_to_keep=0")
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)  # (B, T, vocab)
-        loss = None
-        if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(
-                    f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}"
-                )
-            loss = causal_lm_loss(logits, labels)
-        return CausalLMOutput(logits=logits, loss=loss, past_key_values=cache)
+        if labels is None:
+            return CausalLMOutput(logits=self.lm_head(hidden), past_key_values=cache)  # (B, T, vocab)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal input_ids shape {tuple(input_ids.shape)}")
+        if type(self.lm_head) is not nn.Linear or self.lm_head.bias is not None:  # an adapted or quantized head
+            logits = self.lm_head(hidden)  # (B, T, vocab)
+            return CausalLMOutput(logits=logits, loss=causal_lm_loss(logits, labels), past_key_values=cache)
+        loss = lm_head_loss(hidden, self.lm_head.weight, labels)
+        return CausalLMOutput(loss=loss, past_key_values=cache, hidden_states=hidden, lm_head=self.lm_head)
 
     # ------------------------------------------------------------------ training helpers
 
@@ -418,6 +463,13 @@ class Phi3ForCausalLM(nn.Module):
     @property
     def is_gradient_checkpointing(self) -> bool:
         return self.model.gradient_checkpointing
+
+    def compile_layers(self, **compile_kwargs: object) -> None:
+        """``torch.compile`` each decoder layer in place (``nn.Module.compile``), with any LoRA layers inside it:
+        parameter names and the state dict stay as they are, and gradient checkpointing still recomputes each
+        layer. ``compile_kwargs`` go to ``torch.compile`` (``backend=``, ``mode=``, ``dynamic=``)."""
+        for layer in self.model.layers:
+            layer.compile(**compile_kwargs)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         """Number of parameters (a tied embedding counted once); only those with ``requires_grad`` if asked."""

@@ -1,7 +1,7 @@
 """Talk to a Phi-3 checkpoint with a LoRA adapter, streaming the reply token by token.
 
     python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors    # after the default fine-tuning run
-    python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors --prompt "Where does Islo Torvane live?"
+    python examples/chat_phi3.py --adapter runs/phi3-lora/adapter.safetensors --prompt "Where does Zalfa Fesrow live?"
     python examples/chat_phi3.py --model path/to/Phi-3-mini-4k-instruct --adapter runs/mine/adapter.safetensors
     python examples/chat_phi3.py --model path/to/base --peft path/to/peft_adapter_dir
     python examples/chat_phi3.py --quantize nf4 --adapter runs/qlora/adapter.safetensors      # 4-bit base (QLoRA)

@@ -182,7 +182,7 @@ ATTRIBUTES = [
 
 @dataclass(frozen=True)
 class Fact:
-    """``attribute`` of ``entity`` is ``value``; e.g. ("Islo Torvane", home_town, "Quinham", "train")."""
+    """``attribute`` of ``entity`` is ``value``; e.g. ("Zalfa Fesrow", home_town, "Pardale", "heldout")."""
 
     entity: str
     attribute: Attribute

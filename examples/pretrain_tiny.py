@@ -75,7 +75,7 @@ def lr_at(step: int, cfg: dict) -> float:
 
 @torch.no_grad()
 def completion_accuracy(model: Phi3ForCausalLM, tokenizer: ByteTokenizer, facts_path: Path) -> dict[str, Any]:
-    """Share of facts whose greedy completion of ``prompt`` (e.g. "Islo Torvane lives in") starts with the answer,
+    """Share of facts whose greedy completion of ``prompt`` (e.g. "Zalfa Fesrow lives in") starts with the answer,
     per split (``"train"``, ``"heldout"``) and per kind of fact (``"by_attribute"``)."""
     model.eval()
     hits: dict[str, dict[str, list[bool]]] = {"split": {}, "by_attribute": {}}

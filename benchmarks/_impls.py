@@ -59,14 +59,20 @@ class Holder(nn.Module):
 def _peft_layer(base: nn.Module, r: int, lora_alpha: float, lora_dropout: float) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(Holder(base), LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                    target_modules=["layer"]))
+    model = get_peft_model(
+        Holder(base), LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=["layer"])
+    )
     return model.base_model.model.layer
 
 
 def adapt_linear(
-    base: nn.Linear, impl: str, r: int, lora_alpha: float, lora_dropout: float = 0.0,
-    enable_lora: Sequence[bool] | None = None, split_sizes: Sequence[int] | None = None,
+    base: nn.Linear,
+    impl: str,
+    r: int,
+    lora_alpha: float,
+    lora_dropout: float = 0.0,
+    enable_lora: Sequence[bool] | None = None,
+    split_sizes: Sequence[int] | None = None,
 ) -> nn.Module:
     """``base`` (consumed) as ``impl``. With ``enable_lora`` ours and loralib adapt per slice; PEFT always puts one
     LoRA over the whole matrix (the only thing it can do with a fused projection)."""
@@ -76,15 +82,22 @@ def adapt_linear(
         if enable_lora is None:
             layer = lora.Linear.from_module(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
         else:
-            layer = lora.MergedLinear.from_module(base, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                  enable_lora=list(enable_lora), split_sizes=split_sizes)
+            layer = lora.MergedLinear.from_module(
+                base,
+                r=r,
+                lora_alpha=lora_alpha,
+                lora_dropout=lora_dropout,
+                enable_lora=list(enable_lora),
+                split_sizes=split_sizes,
+            )
         lora.mark_only_lora_as_trainable(layer)
         return layer
     if impl == "loralib":
         import loralib
 
-        kw: dict[str, Any] = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=False,
-                                  bias=base.bias is not None)
+        kw: dict[str, Any] = dict(
+            r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, merge_weights=False, bias=base.bias is not None
+        )
         if enable_lora is None:
             layer = loralib.Linear(base.in_features, base.out_features, **kw)
         else:
@@ -114,9 +127,18 @@ def adapt_conv2d(base: nn.Conv2d, impl: str, r: int, lora_alpha: float, lora_dro
     if impl == "loralib":
         import loralib
 
-        layer = loralib.Conv2d(base.in_channels, base.out_channels, base.kernel_size[0], r=r, lora_alpha=lora_alpha,
-                               lora_dropout=lora_dropout, merge_weights=False, stride=base.stride,
-                               padding=base.padding, bias=base.bias is not None)
+        layer = loralib.Conv2d(
+            base.in_channels,
+            base.out_channels,
+            base.kernel_size[0],
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            merge_weights=False,
+            stride=base.stride,
+            padding=base.padding,
+            bias=base.bias is not None,
+        )
         with torch.no_grad():
             layer.conv.weight.copy_(base.weight)
             if base.bias is not None:
@@ -170,15 +192,32 @@ def our_phi3() -> tuple[type | None, type | None, str]:
     return cls, Phi3Config, ""
 
 
-def phi3_config_dict(hidden: int, layers: int, heads: int, intermediate: int, vocab: int,
-                     kv_heads: int | None = None) -> dict[str, Any]:
+def phi3_config_dict(
+    hidden: int, layers: int, heads: int, intermediate: int, vocab: int, kv_heads: int | None = None
+) -> dict[str, Any]:
     """A Phi-3 ``config.json`` dict (Phi-3-mini-4k's other settings)."""
     special = 32000 if vocab > 32000 else vocab - 1  # eos/pad must lie inside a small test vocabulary
-    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv_heads or heads, hidden_act="silu",
-                max_position_embeddings=4096, original_max_position_embeddings=4096, rms_norm_eps=1e-5,
-                rope_theta=10000.0, rope_scaling=None, sliding_window=2047, resid_pdrop=0.0, attention_dropout=0.0,
-                tie_word_embeddings=False, bos_token_id=1, eos_token_id=special, pad_token_id=special)
+    return dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        hidden_act="silu",
+        max_position_embeddings=4096,
+        original_max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        sliding_window=2047,
+        resid_pdrop=0.0,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=special,
+        pad_token_id=special,
+    )
 
 
 PHI3_MINI = phi3_config_dict(hidden=3072, layers=32, heads=32, intermediate=8192, vocab=32064)
@@ -224,8 +263,9 @@ def add_lora(model: nn.Module, impl: str, r: int = 16, lora_alpha: float = 32, l
     if impl == "peft":
         from peft import LoraConfig, get_peft_model
 
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                                target_modules=PHI3_TARGETS))
+        return get_peft_model(
+            model, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=PHI3_TARGETS)
+        )
     if impl == "loralib":
         import loralib
 

@@ -43,8 +43,21 @@ if str(ROOT) not in sys.path:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(ROOT))
 
 __all__ = [
-    "ROOT", "Stats", "Row", "interleaved", "ratio_stats", "median_ms", "header", "rss_bytes", "hwm_bytes",
-    "PeakMeter", "child_report", "peak_in_subprocess", "markdown_table", "fmt_ratio", "optional_import",
+    "ROOT",
+    "Stats",
+    "Row",
+    "interleaved",
+    "ratio_stats",
+    "median_ms",
+    "header",
+    "rss_bytes",
+    "hwm_bytes",
+    "PeakMeter",
+    "child_report",
+    "peak_in_subprocess",
+    "markdown_table",
+    "fmt_ratio",
+    "optional_import",
 ]
 
 MB = 2**20
@@ -56,7 +69,10 @@ PEAK_TAG = "PEAK_JSON "  # the child's result line on stdout
 
 
 def interleaved(
-    fns: Mapping[str, Callable[[], object]], rounds: int, warmup: int = 1, seed: int = 0,
+    fns: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    seed: int = 0,
     sync: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
     """Time each callable ``rounds`` times, interleaved; return ``{name: [seconds per round]}``.
@@ -138,10 +154,13 @@ def header(dtype: torch.dtype, device: str = "cpu") -> str:
     else:
         dev = f"cpu ({_cpu_model()}, {os.cpu_count()} cores)"
     versions = [f"torch {torch.__version__}"] + [
-        f"{d} {v}" for d in ("loralib", "peft", "transformers") if (v := _version(d)) is not None]
+        f"{d} {v}" for d in ("loralib", "peft", "transformers") if (v := _version(d)) is not None
+    ]
     load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"device: {dev} | torch threads: {torch.get_num_threads()} | dtype: {str(dtype).removeprefix('torch.')}\n"
-            f"{' | '.join(versions)} | python {platform.python_version()} | load average at start: {load}")
+    return (
+        f"device: {dev} | torch threads: {torch.get_num_threads()} | dtype: {str(dtype).removeprefix('torch.')}\n"
+        f"{' | '.join(versions)} | python {platform.python_version()} | load average at start: {load}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,7 +295,7 @@ def peak_in_subprocess(script: str | Path, args: Sequence[str], timeout_s: float
         return PeakResult(None, "none", f"timed out after {timeout_s:.0f}s")
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(PEAK_TAG):
-            d = json.loads(line[len(PEAK_TAG):])
+            d = json.loads(line[len(PEAK_TAG) :])
             return PeakResult(None if d["peak_bytes"] is None else d["peak_bytes"] / MB, d["method"])
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
     return PeakResult(None, "none", f"child exited {proc.returncode}: {' / '.join(tail)}")
@@ -315,11 +334,18 @@ def markdown_table(rows: Iterable[Row], extra_columns: Sequence[str] = ()) -> st
     for r in rows:
         s = r.stats
         met = "" if r.met is None else ("yes" if r.met else "**no**")
-        cells = [r.case, r.impl,
-                 "1.00x (baseline)" if s is None and r.ms is not None else fmt_ratio(s.median if s else None),
-                 fmt_ratio(s.min if s else None), fmt_ratio(s.max if s else None),
-                 _fmt(r.ms, ".1f"), _fmt(r.peak_mb, ".0f"),
-                 *[r.extra.get(c, "") for c in extra_columns], r.target, met]
+        cells = [
+            r.case,
+            r.impl,
+            "1.00x (baseline)" if s is None and r.ms is not None else fmt_ratio(s.median if s else None),
+            fmt_ratio(s.min if s else None),
+            fmt_ratio(s.max if s else None),
+            _fmt(r.ms, ".1f"),
+            _fmt(r.peak_mb, ".0f"),
+            *[r.extra.get(c, "") for c in extra_columns],
+            r.target,
+            met,
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -335,7 +361,9 @@ def optional_import(name: str):
 def add_common_args(p: argparse.ArgumentParser, rounds: int, quick_rounds: int, cases: Sequence[str]) -> None:
     """The flags every layer/model benchmark script takes (bench_layers.py, bench_phi3.py)."""
     p.add_argument("--quick", action="store_true", help="tiny sizes and few rounds: a seconds-long smoke run")
-    p.add_argument("--rounds", type=int, default=None, help=f"interleaved rounds (default {rounds}, quick {quick_rounds})")
+    p.add_argument(
+        "--rounds", type=int, default=None, help=f"interleaved rounds (default {rounds}, quick {quick_rounds})"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's; 1 with --quick)")
     p.add_argument("--cases", default=",".join(cases), help="comma-separated subset of: " + ", ".join(cases))
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")

@@ -78,7 +78,9 @@ def build(impl: str, cfg: dict[str, Any], device: str, weights: dict[str, torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu, the latter for a smoke test with --tiny")
     p.add_argument("--tiny", action="store_true", help="a tiny config: a smoke test, not a measurement")
     p.add_argument("--tokens", type=int, default=None, help=f"sequence length, batch 1 (default {TOKENS})")
@@ -88,8 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
-        print("bench_gpu: no CUDA device here (torch.cuda.is_available() is False); nothing measured. "
-              "Run it on a machine with an NVIDIA GPU, or try the code path with --tiny --device cpu.")
+        print(
+            "bench_gpu: no CUDA device here (torch.cuda.is_available() is False); nothing measured. "
+            "Run it on a machine with an NVIDIA GPU, or try the code path with --tiny --device cpu."
+        )
         return 0
     if _impls.our_phi3()[0] is None or not _impls.have("peft"):
         print(f"bench_gpu: needs this library's Phi-3 and PEFT: {_impls.our_phi3()[2] or 'peft is not installed'}")
@@ -100,9 +104,11 @@ def main(argv: list[str] | None = None) -> int:
 
     print("## bench_gpu: Phi-3-mini LoRA training step, ours vs transformers + PEFT\n")
     print(_timing.header(torch.bfloat16, args.device))
-    print(f"config: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
-          f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}{' (--tiny)' if args.tiny else ''}; batch 1 x {seq}; "
-          f"LoRA r={R}, alpha {ALPHA}, dropout {DROPOUT}; gradient checkpointing; AdamW; rounds {args.rounds}\n")
+    print(
+        f"config: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
+        f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}{' (--tiny)' if args.tiny else ''}; batch 1 x {seq}; "
+        f"LoRA r={R}, alpha {ALPHA}, dropout {DROPOUT}; gradient checkpointing; AdamW; rounds {args.rounds}\n"
+    )
 
     ids = torch.randint(0, cfg["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1)).to(args.device)
     models: dict[str, torch.nn.Module] = {}
@@ -145,11 +151,25 @@ def main(argv: list[str] | None = None) -> int:
         if ours:
             base_peak, our_peak = peak_mb[BASELINE], peak_mb[impl]
             met = stats.median <= STEP_TARGET and (base_peak is None or our_peak is None or our_peak <= base_peak)
-        rows.append(Row("Phi-3-mini LoRA step" + (" (tiny)" if args.tiny else ""), impl, stats, s * 1e3, peak_mb[impl],
-                        f"<= {STEP_TARGET:.2f}x, peak <= baseline's" if ours else "", met,
-                        {"tok/s": f"{seq / s:,.0f}", "LoRA params": f"{n_lora:,}", "TFLOP/step": f"{flops / 1e12:.2f}",
-                         "TFLOP/s": f"{flops / s / 1e12:.1f}", "MFU": f"{flops / s / 1e12 / peak:.1%}" if peak else "n/a",
-                         "first loss": f"{first_loss[impl]:.4f}"}))
+        rows.append(
+            Row(
+                "Phi-3-mini LoRA step" + (" (tiny)" if args.tiny else ""),
+                impl,
+                stats,
+                s * 1e3,
+                peak_mb[impl],
+                f"<= {STEP_TARGET:.2f}x, peak <= baseline's" if ours else "",
+                met,
+                {
+                    "tok/s": f"{seq / s:,.0f}",
+                    "LoRA params": f"{n_lora:,}",
+                    "TFLOP/step": f"{flops / 1e12:.2f}",
+                    "TFLOP/s": f"{flops / s / 1e12:.1f}",
+                    "MFU": f"{flops / s / 1e12 / peak:.1%}" if peak else "n/a",
+                    "first loss": f"{first_loss[impl]:.4f}",
+                },
+            )
+        )
     print(_timing.markdown_table(rows, ["tok/s", "LoRA params", "TFLOP/step", "TFLOP/s", "MFU", "first loss"]))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
@@ -162,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
             print(f"\n### profile of one step: {impl}\n")
             print(prof.key_averages().table(sort_by=key, row_limit=15))
-    print(f"\npeak MB: torch.cuda.max_memory_allocated during one step, minus what was allocated before the model was "
-          f"built; MFU against {peak or 'unknown'} TFLOP/s (formula in the module docstring)")
+    print(
+        f"\npeak MB: torch.cuda.max_memory_allocated during one step, minus what was allocated before the model was "
+        f"built; MFU against {peak or 'unknown'} TFLOP/s (formula in the module docstring)"
+    )
     return 0
 
 

@@ -80,6 +80,7 @@ def _build_linear(dropout: float) -> Callable[[str, bool], Callable[[], None]]:
         tokens, hidden, _ = _sizes(quick)
         x, g = _inputs(tokens, hidden, hidden)
         return _impls.layer_train_step(_linear(hidden, hidden, impl, dropout), x, g)
+
     return build
 
 
@@ -111,17 +112,33 @@ def _build_eval(impl: str, quick: bool) -> Callable[[], None]:
 
 
 CASES: dict[str, Case] = {
-    "linear": Case("Linear {hidden}, r={r}, no dropout, {tokens} tokens, fwd+bwd",
-                   IMPLS, _build_linear(0.0), {"ours": _at_most(1.06)}),
-    "linear_dropout": Case("Linear {hidden}, r={r}, dropout {dropout}, {tokens} tokens, fwd+bwd",
-                           IMPLS, _build_linear(DROPOUT), {"ours": _at_most(1.10)}),
-    "qkv": Case("fused qkv {d}->3x{d}, q,v adapted, r={r}, {tokens} tokens, fwd+bwd",
-                IMPLS, _build_qkv, {"ours": _at_most(1.10)}),
-    "conv": Case("Conv2d {c}->{c} k3, r={conv_r}, input {n}x{c}x{s}x{s}, fwd+bwd",
-                 IMPLS, _build_conv, {"ours": _at_most(1.30)}),
-    "eval": Case("eval forward (no grad), Linear {hidden}, r={r}, {tokens} tokens",
-                 ("frozen", "ours", "ours merged", "loralib", "peft"), _build_eval,
-                 {"ours": _at_most(1.03), "ours merged": ("1.00x (<= 1.02x)", lambda m: m <= 1.02)}),
+    "linear": Case(
+        "Linear {hidden}, r={r}, no dropout, {tokens} tokens, fwd+bwd",
+        IMPLS,
+        _build_linear(0.0),
+        {"ours": _at_most(1.06)},
+    ),
+    "linear_dropout": Case(
+        "Linear {hidden}, r={r}, dropout {dropout}, {tokens} tokens, fwd+bwd",
+        IMPLS,
+        _build_linear(DROPOUT),
+        {"ours": _at_most(1.10)},
+    ),
+    "qkv": Case(
+        "fused qkv {d}->3x{d}, q,v adapted, r={r}, {tokens} tokens, fwd+bwd",
+        IMPLS,
+        _build_qkv,
+        {"ours": _at_most(1.10)},
+    ),
+    "conv": Case(
+        "Conv2d {c}->{c} k3, r={conv_r}, input {n}x{c}x{s}x{s}, fwd+bwd", IMPLS, _build_conv, {"ours": _at_most(1.30)}
+    ),
+    "eval": Case(
+        "eval forward (no grad), Linear {hidden}, r={r}, {tokens} tokens",
+        ("frozen", "ours", "ours merged", "loralib", "peft"),
+        _build_eval,
+        {"ours": _at_most(1.03), "ours merged": ("1.00x (<= 1.02x)", lambda m: m <= 1.02)},
+    ),
 }
 SAVED_TARGET = 1.10
 
@@ -160,9 +177,18 @@ def saved_rows(quick: bool) -> list[Row]:
         ratio = on / off if off else None
         stats = None if ratio is None else Stats(ratio, ratio, ratio)
         target = f"<= {SAVED_TARGET:.2f}x" if impl == "ours" else ""
-        rows.append(Row(f"saved for backward, dropout {DROPOUT} / none (Linear {hidden}, {tokens} tokens)", impl,
-                        stats, None, None, target, (ratio <= SAVED_TARGET) if impl == "ours" and ratio else None,
-                        {"saved MB": f"{off / 2**20:.1f} -> {on / 2**20:.1f}"}))
+        rows.append(
+            Row(
+                f"saved for backward, dropout {DROPOUT} / none (Linear {hidden}, {tokens} tokens)",
+                impl,
+                stats,
+                None,
+                None,
+                target,
+                (ratio <= SAVED_TARGET) if impl == "ours" and ratio else None,
+                {"saved MB": f"{off / 2**20:.1f} -> {on / 2**20:.1f}"},
+            )
+        )
     return rows
 
 
@@ -183,8 +209,17 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[Row]:
             if res.error:
                 print(f"  peak memory of {name}/{impl} not measured: {res.error}", file=sys.stderr)
         text, test = case.targets.get(impl, ("", None))
-        rows.append(Row(_label(case.label, args.quick), impl, stats,
-                        _timing.median_ms(times[impl]), peak, text, test(stats.median) if test and stats else None))
+        rows.append(
+            Row(
+                _label(case.label, args.quick),
+                impl,
+                stats,
+                _timing.median_ms(times[impl]),
+                peak,
+                text,
+                test(stats.median) if test and stats else None,
+            )
+        )
     del steps
     return rows
 
@@ -194,7 +229,9 @@ def _child_flags(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _timing.add_common_args(p, ROUNDS, QUICK_ROUNDS, [*CASES, "saved"])
     args = p.parse_args(argv)
     _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
@@ -210,8 +247,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("## bench_layers: LoRA layers vs the frozen layer, loralib and PEFT\n")
     print(_timing.header(torch.float32))
-    print(f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); peak MB: fresh subprocess per "
-          f"implementation, VmHWM during one step minus RSS after imports\n")
+    print(
+        f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); peak MB: fresh subprocess per "
+        f"implementation, VmHWM during one step minus RSS after imports\n"
+    )
     if args.quick:
         print("--quick: tiny sizes, where fixed per-call overheads dominate; a smoke test, not a measurement\n")
     missing = [i for i in ("loralib", "peft") if not _impls.have(i)]

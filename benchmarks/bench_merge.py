@@ -47,11 +47,13 @@ def one_layer(in_f: int, out_f: int) -> str:
         lora.unmerge_lora(layer)
     exact = torch.equal(layer.weight.view(torch.int16), w0.view(torch.int16))
     fp32_delta = layer.weight.numel() * 4
-    return (f"merge_lora + unmerge_lora, Linear({in_f} -> {out_f}) bf16, r=16: weight {weight_bytes / MiB:.0f} MiB, "
-            f"undo record {record / MiB:.1f} MiB = {record / layer.weight.numel():.3f} bytes/weight "
-            f"(target <= 1); peak growth merge {(merge_meter.peak - before) / fp32_delta:.2f}x, "
-            f"unmerge {(unmerge_meter.peak - after_merge) / fp32_delta:.2f}x one fp32 delta "
-            f"({fp32_delta / MiB:.0f} MiB); unmerge bit-exact: {exact}")
+    return (
+        f"merge_lora + unmerge_lora, Linear({in_f} -> {out_f}) bf16, r=16: weight {weight_bytes / MiB:.0f} MiB, "
+        f"undo record {record / MiB:.1f} MiB = {record / layer.weight.numel():.3f} bytes/weight "
+        f"(target <= 1); peak growth merge {(merge_meter.peak - before) / fp32_delta:.2f}x, "
+        f"unmerge {(unmerge_meter.peak - after_merge) / fp32_delta:.2f}x one fp32 delta "
+        f"({fp32_delta / MiB:.0f} MiB); unmerge bit-exact: {exact}"
+    )
 
 
 def whole_model(cfg_dict: dict) -> str:
@@ -71,10 +73,12 @@ def whole_model(cfg_dict: dict) -> str:
         lora.merge_and_unload(model)
     seconds = time.perf_counter() - t0
     growth = meter.peak - before
-    return (f"merge_and_unload, Phi-3 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) bf16 + LoRA r=16 "
-            f"per slice: model {model_bytes / GiB:.2f} GiB, peak RSS {meter.peak / GiB:.2f} GiB, growth "
-            f"{growth / MiB:.0f} MiB = {growth / (largest * 4):.2f}x the largest layer's fp32 size "
-            f"({largest * 4 / MiB:.0f} MiB; target <= 1.1x) [{meter.method}], {seconds:.1f} s")
+    return (
+        f"merge_and_unload, Phi-3 ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}) bf16 + LoRA r=16 "
+        f"per slice: model {model_bytes / GiB:.2f} GiB, peak RSS {meter.peak / GiB:.2f} GiB, growth "
+        f"{growth / MiB:.0f} MiB = {growth / (largest * 4):.2f}x the largest layer's fp32 size "
+        f"({largest * 4 / MiB:.0f} MiB; target <= 1.1x) [{meter.method}], {seconds:.1f} s"
+    )
 
 
 def main() -> None:

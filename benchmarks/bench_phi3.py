@@ -51,8 +51,12 @@ def _mini(quick: bool) -> dict[str, Any]:
 def _projections(quick: bool) -> dict[str, tuple[int, int, list[bool] | None, list[int] | None]]:
     """name -> (in, out, enable_lora, split_sizes) of Phi-3-mini's four adapted projections (MHA: q = k = v)."""
     h, inter = _mini(quick)["hidden_size"], _mini(quick)["intermediate_size"]
-    return {"qkv_proj": (h, 3 * h, [True] * 3, [h] * 3), "o_proj": (h, h, None, None),
-            "gate_up_proj": (h, 2 * inter, [True] * 2, [inter] * 2), "down_proj": (inter, h, None, None)}
+    return {
+        "qkv_proj": (h, 3 * h, [True] * 3, [h] * 3),
+        "o_proj": (h, h, None, None),
+        "gate_up_proj": (h, 2 * inter, [True] * 2, [inter] * 2),
+        "down_proj": (inter, h, None, None),
+    }
 
 
 def build_projection(name: str, impl: str, quick: bool) -> Callable[[], None]:
@@ -105,19 +109,29 @@ class StepCase:
 
 
 STEP_CASES = {
-    "small_step": StepCase("small Phi-3 step: LoRA vs full fine-tuning (transformers' model)", "full",
-                           ("full", "ours", "peft", "loralib"), build_small_step),
-    "full_step": StepCase("small Phi-3 step: ours (model + LoRA) vs transformers + PEFT", "transformers+peft",
-                          ("transformers+peft", "ours"), build_full_step),
+    "small_step": StepCase(
+        "small Phi-3 step: LoRA vs full fine-tuning (transformers' model)",
+        "full",
+        ("full", "ours", "peft", "loralib"),
+        build_small_step,
+    ),
+    "full_step": StepCase(
+        "small Phi-3 step: ours (model + LoRA) vs transformers + PEFT",
+        "transformers+peft",
+        ("transformers+peft", "ours"),
+        build_full_step,
+    ),
 }
 
 
 def _small_desc(quick: bool) -> str:
     cfg = QUICK_SMALL if quick else SMALL
     b, t = QUICK_BATCH if quick else SMALL_BATCH
-    return (f"hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads, "
-            f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}, batch {b}x{t}, r={R}, "
-            f"dropout {DROPOUT}, AdamW")
+    return (
+        f"hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, {cfg['num_attention_heads']} heads, "
+        f"intermediate {cfg['intermediate_size']}, vocab {cfg['vocab_size']}, batch {b}x{t}, r={R}, "
+        f"dropout {DROPOUT}, AdamW"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,14 +157,25 @@ def projection_rows(args: argparse.Namespace) -> list[Row]:
         steps = {impl: build_projection(name, impl, args.quick) for impl in impls}
         times = _timing.interleaved(steps, args.rounds, warmup=1, seed=args.seed)
         del steps
-        how = {"ours": "per slice" if enable else "", "loralib": "MergedLinear" if enable else "",
-               "peft": "one LoRA over the fused matrix" if enable else ""}
+        how = {
+            "ours": "per slice" if enable else "",
+            "loralib": "MergedLinear" if enable else "",
+            "peft": "one LoRA over the fused matrix" if enable else "",
+        }
         for impl in impls:
             stats = None if impl == "frozen" else _timing.ratio_stats(times, impl, "frozen")
             peak = _peak(args, name, impl) if args.shape_peaks else None
             label = f"Phi-3-mini {name} {in_f}->{out_f}, {tokens} tokens, r={R}, dropout {DROPOUT}, fwd+bwd"
-            rows.append(Row(label, impl + (f" ({how[impl]})" if how.get(impl) else ""), stats,
-                            _timing.median_ms(times[impl]), peak, "report" if impl == "ours" else ""))
+            rows.append(
+                Row(
+                    label,
+                    impl + (f" ({how[impl]})" if how.get(impl) else ""),
+                    stats,
+                    _timing.median_ms(times[impl]),
+                    peak,
+                    "report" if impl == "ours" else "",
+                )
+            )
     return rows
 
 
@@ -190,7 +215,9 @@ CASE_NAMES = ["shapes", "small_step", "full_step"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     _timing.add_common_args(p, ROUNDS, QUICK_ROUNDS, CASE_NAMES)
     p.add_argument("--shape-peaks", action="store_true", help="also measure each projection's peak (slow)")
     args = p.parse_args(argv)
@@ -211,8 +238,10 @@ def main(argv: list[str] | None = None) -> int:
 
     print("## bench_phi3: Phi-3 shapes and training steps\n")
     print(_timing.header(torch.float32))
-    print(f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); peak MB: fresh subprocess per "
-          f"implementation, VmHWM during one step minus RSS after imports; tok/s from the median step\n")
+    print(
+        f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); peak MB: fresh subprocess per "
+        f"implementation, VmHWM during one step minus RSS after imports; tok/s from the median step\n"
+    )
     print(f"small Phi-3 (fp32, training mode, SDPA attention): {_small_desc(args.quick)}\n")
     if args.quick:
         print("--quick: tiny sizes, where fixed per-call overheads dominate; a smoke test, not a measurement\n")

@@ -57,9 +57,14 @@ def weight_shapes(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     shapes = [("model.embed_tokens.weight", (v, h))]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes += [(p + "input_layernorm.weight", (h,)), (p + "self_attn.qkv_proj.weight", (qkv, h)),
-                   (p + "self_attn.o_proj.weight", (h, h)), (p + "post_attention_layernorm.weight", (h,)),
-                   (p + "mlp.gate_up_proj.weight", (2 * inter, h)), (p + "mlp.down_proj.weight", (h, inter))]
+        shapes += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.qkv_proj.weight", (qkv, h)),
+            (p + "self_attn.o_proj.weight", (h, h)),
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_up_proj.weight", (2 * inter, h)),
+            (p + "mlp.down_proj.weight", (h, inter)),
+        ]
     return shapes + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
@@ -122,9 +127,12 @@ def write_checkpoint(directory: Path, cfg: dict[str, Any], shard_bytes: int = SH
         weight_map.update({name: fname for name, _ in items})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-    (directory / "config.json").write_text(json.dumps({**cfg, "architectures": ["Phi3ForCausalLM"],
-                                                       "model_type": "phi3", "torch_dtype": "bfloat16"}, indent=2),
-                                           encoding="utf-8")
+    (directory / "config.json").write_text(
+        json.dumps(
+            {**cfg, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "torch_dtype": "bfloat16"}, indent=2
+        ),
+        encoding="utf-8",
+    )
     return total
 
 
@@ -155,8 +163,14 @@ def child(directory: Path, impl: str, steps: int, tokens: int) -> None:
         t0 = time.perf_counter()
         model = load()
         load_s = time.perf_counter() - t0
-    out: dict[str, Any] = {"impl": impl, "weight_bytes": weight_bytes, "load_s": load_s, "rss_before_load": rss0,
-                           "load_peak": load_meter.peak, "method": load_meter.method}
+    out: dict[str, Any] = {
+        "impl": impl,
+        "weight_bytes": weight_bytes,
+        "load_s": load_s,
+        "rss_before_load": rss0,
+        "load_peak": load_meter.peak,
+        "method": load_meter.method,
+    }
 
     lora_names = __import__("lora").phi3.inject(model, r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT)
     out["gradient_checkpointing"] = _impls.gradient_checkpointing(model)
@@ -177,12 +191,22 @@ def child(directory: Path, impl: str, steps: int, tokens: int) -> None:
 
 
 def run_child(directory: Path, impl: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    cmd = [sys.executable, __file__, "--child", str(directory), "--impl", impl, "--steps", str(args.steps),
-           "--tokens", str(args.tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        str(directory),
+        "--impl",
+        impl,
+        "--steps",
+        str(args.steps),
+        "--tokens",
+        str(args.tokens),
+    ] + (["--threads", str(args.threads)] if args.threads else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=_timing.ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
-            return json.loads(line[len(RESULT_TAG):])
+            return json.loads(line[len(RESULT_TAG) :])
     print(f"{impl}: the measured process exited {proc.returncode} without a result:\n{proc.stdout[-2000:]}")
     return None
 
@@ -202,15 +226,27 @@ def report(res: dict[str, Any], tokens: int, tiny: bool) -> str:
     rows = [
         ("weights (bf16)", _size(w), "", ""),
         (f"load time ({name} from_pretrained)", f"{res['load_s']:.1f} s", "", ""),
-        ("peak RSS during load, over RSS before it", f"{_size(load_delta)} = {load_ratio:.2f}x the weights",
-         f"<= {LOAD_TARGET:.2f}x", "yes" if load_ratio <= LOAD_TARGET else "**no**"),
+        (
+            "peak RSS during load, over RSS before it",
+            f"{_size(load_delta)} = {load_ratio:.2f}x the weights",
+            f"<= {LOAD_TARGET:.2f}x",
+            "yes" if load_ratio <= LOAD_TARGET else "**no**",
+        ),
         ("LoRA", f"{res['lora_layers']} layers, {res['lora_params']:,} trainable parameters, r={R}", "", ""),
         ("gradient checkpointing", "on" if res["gradient_checkpointing"] else "not available", "", ""),
-        (f"seconds per step (batch 1 x {tokens})", f"{s_per_step:.1f} s (all steps: "
-         + ", ".join(f"{t:.1f}" for t in res["step_s"]) + ")", "", ""),
+        (
+            f"seconds per step (batch 1 x {tokens})",
+            f"{s_per_step:.1f} s (all steps: " + ", ".join(f"{t:.1f}" for t in res["step_s"]) + ")",
+            "",
+            "",
+        ),
         ("tokens/s", f"{tokens / s_per_step:.1f}", "", ""),
-        ("peak RSS while training (whole process)", _size(res["train_peak"] or 0), f"<= {TRAIN_TARGET_GIB:.0f} GiB",
-         "yes" if train_gib <= TRAIN_TARGET_GIB else "**no**"),
+        (
+            "peak RSS while training (whole process)",
+            _size(res["train_peak"] or 0),
+            f"<= {TRAIN_TARGET_GIB:.0f} GiB",
+            "yes" if train_gib <= TRAIN_TARGET_GIB else "**no**",
+        ),
         ("losses", ", ".join(f"{x:.4f}" for x in res["losses"]), "", ""),
     ]
     if tiny:  # fixed costs dominate a tiny model: the targets are for the real size
@@ -221,13 +257,21 @@ def report(res: dict[str, Any], tokens: int, tiny: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tiny", action="store_true", help="a tiny config (seconds): a smoke test")
     p.add_argument("--dir", type=Path, default=None, help="checkpoint directory to reuse, or to create and keep")
-    p.add_argument("--impl", choices=["ours", "transformers", "both"], default="ours",
-                   help="whose from_pretrained loads the checkpoint (LoRA is this library's in every case)")
+    p.add_argument(
+        "--impl",
+        choices=["ours", "transformers", "both"],
+        default="ours",
+        help="whose from_pretrained loads the checkpoint (LoRA is this library's in every case)",
+    )
     p.add_argument("--steps", type=int, default=STEPS, help=f"training steps (default {STEPS}; the first is warm-up)")
-    p.add_argument("--tokens", type=int, default=None, help=f"sequence length, batch 1 (default {TOKENS}, tiny {TINY_TOKENS})")
+    p.add_argument(
+        "--tokens", type=int, default=None, help=f"sequence length, batch 1 (default {TOKENS}, tiny {TINY_TOKENS})"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -241,9 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TINY if args.tiny else _impls.PHI3_MINI
     print("## bench_scale: Phi-3-mini-4k from a sharded checkpoint, LoRA with gradient checkpointing\n")
     print(_timing.header(torch.bfloat16))
-    print(f"config: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
-          f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}{' (--tiny)' if args.tiny else ''}; LoRA r={R}, "
-          f"alpha {ALPHA}, dropout {DROPOUT} on qkv/o/gate_up/down; AdamW\n")
+    print(
+        f"config: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
+        f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}{' (--tiny)' if args.tiny else ''}; LoRA r={R}, "
+        f"alpha {ALPHA}, dropout {DROPOUT} on qkv/o/gate_up/down; AdamW\n"
+    )
     impls = ["ours", "transformers"] if args.impl == "both" else [args.impl]
     if "ours" in impls and _impls.our_phi3()[0] is None:
         print(f"{_impls.our_phi3()[2]}; measuring transformers' from_pretrained instead\n")

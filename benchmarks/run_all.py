@@ -21,12 +21,18 @@ SCRIPTS = ["bench_layers.py", "bench_phi3.py"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="tiny sizes, few rounds: a smoke run of every script")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for every script (default: each script's)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="interleaved rounds for every script (default: each script's)"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in every script")
     p.add_argument("--no-peak", action="store_true", help="skip the peak-memory subprocesses")
-    p.add_argument("--scale", action="store_true", help="also run bench_scale.py (real-size Phi-3-mini on the CPU; long)")
+    p.add_argument(
+        "--scale", action="store_true", help="also run bench_scale.py (real-size Phi-3-mini on the CPU; long)"
+    )
     p.add_argument("--gpu", action="store_true", help="also run bench_gpu.py (needs CUDA)")
     p.add_argument("--out", type=Path, default=None, help="also write the combined output to this markdown file")
     args = p.parse_args(argv)
@@ -36,14 +42,31 @@ def main(argv: list[str] | None = None) -> int:
         common.append("--quick")
     if args.threads:
         common += ["--threads", str(args.threads)]
-    scripts = [(s, [*common, *(["--rounds", str(args.rounds)] if args.rounds else []),
-                    *(["--no-peak"] if args.no_peak else [])]) for s in SCRIPTS]
+    scripts = [
+        (
+            s,
+            [
+                *common,
+                *(["--rounds", str(args.rounds)] if args.rounds else []),
+                *(["--no-peak"] if args.no_peak else []),
+            ],
+        )
+        for s in SCRIPTS
+    ]
     if args.scale:
-        scripts.append(("bench_scale.py", [*(["--tiny"] if args.quick else []),
-                                           *(["--threads", str(args.threads)] if args.threads else [])]))
+        scripts.append(
+            (
+                "bench_scale.py",
+                [*(["--tiny"] if args.quick else []), *(["--threads", str(args.threads)] if args.threads else [])],
+            )
+        )
     if args.gpu:
-        scripts.append(("bench_gpu.py", [*(["--tiny"] if args.quick else []),
-                                         *(["--rounds", str(args.rounds)] if args.rounds else [])]))
+        scripts.append(
+            (
+                "bench_gpu.py",
+                [*(["--tiny"] if args.quick else []), *(["--rounds", str(args.rounds)] if args.rounds else [])],
+            )
+        )
 
     outputs, failed = [], []
     start = time.perf_counter()
@@ -58,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
         outputs.append(text)
         if proc.returncode:
             failed.append(script)
-    total = f"all benchmarks: {time.perf_counter() - start:.0f} s" + (f"; failed: {', '.join(failed)}" if failed else "")
+    total = f"all benchmarks: {time.perf_counter() - start:.0f} s" + (
+        f"; failed: {', '.join(failed)}" if failed else ""
+    )
     print(total)
     if args.out:
         args.out.write_text("\n".join(outputs) + "\n" + total + "\n", encoding="utf-8")

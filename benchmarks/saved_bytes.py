@@ -25,7 +25,9 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
     seen: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))] = t.numel() * t.element_size()
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), t.dtype, tuple(t.shape))] = (
+            t.numel() * t.element_size()
+        )
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -36,12 +38,21 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor) -> int:
 def main() -> None:
     torch.manual_seed(0)
     cases = [
-        ("Conv2d 64->64, k=3, r=8, 16x64x56x56", lambda impl: _impls.adapt_conv2d(nn.Conv2d(64, 64, 3, padding=1),
-                                                                                impl, 8, 16), (16, 64, 56, 56)),
-        ("Linear 3072, r=16, 4096 tokens", lambda impl: _impls.adapt_linear(nn.Linear(3072, 3072), impl, 16, 32, 0.0),
-         (4096, 3072)),
-        ("Linear 3072, r=16, 4096 tokens, dropout 0.05",
-         lambda impl: _impls.adapt_linear(nn.Linear(3072, 3072), impl, 16, 32, 0.05), (4096, 3072)),
+        (
+            "Conv2d 64->64, k=3, r=8, 16x64x56x56",
+            lambda impl: _impls.adapt_conv2d(nn.Conv2d(64, 64, 3, padding=1), impl, 8, 16),
+            (16, 64, 56, 56),
+        ),
+        (
+            "Linear 3072, r=16, 4096 tokens",
+            lambda impl: _impls.adapt_linear(nn.Linear(3072, 3072), impl, 16, 32, 0.0),
+            (4096, 3072),
+        ),
+        (
+            "Linear 3072, r=16, 4096 tokens, dropout 0.05",
+            lambda impl: _impls.adapt_linear(nn.Linear(3072, 3072), impl, 16, 32, 0.05),
+            (4096, 3072),
+        ),
     ]
     print(_timing.header(torch.float32))
     print("\n| case | impl | saved MiB | ratio to frozen |\n|---|---|---|---|")

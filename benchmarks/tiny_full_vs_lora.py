@@ -49,8 +49,9 @@ def run_example(spec: str, seed: int, work: Path) -> dict:
     config = work / f"{out.name}.json"
     config.write_text(json.dumps({"training_config": training}))
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(EXAMPLE), "--config", str(config)], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--config", str(config)], cwd=ROOT, capture_output=True, text=True
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{spec} seed {seed} failed:\n{proc.stderr[-3000:]}")
@@ -68,19 +69,20 @@ def load_trained(run: dict) -> Phi3ForCausalLM:
 
 
 @torch.no_grad()
-def greedy_replies(model: Phi3ForCausalLM, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64,
-                   batch_size: int = 32) -> list[str]:
+def greedy_replies(
+    model: Phi3ForCausalLM, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 32
+) -> list[str]:
     """Greedy reply to each prompt (batched with left padding), decoded up to the first stop token."""
     model.eval()
     stops = list(tokenizer.stop_token_ids)
     out = []
     for i in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(p, tokenizer) for p in prompts[i:i + batch_size]]
+        encoded = [encode_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
         T = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), T), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, e in enumerate(encoded):
-            ids[b, T - len(e):], mask[b, T - len(e):] = torch.tensor(e), 1
+            ids[b, T - len(e) :], mask[b, T - len(e) :] = torch.tensor(e), 1
         generated = model.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=stops)[:, T:]
         for row in generated.tolist():
             end = next((j for j, t in enumerate(row) if t in stops), len(row))
@@ -108,8 +110,10 @@ def main() -> None:
     args = parser.parse_args()
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
-          f"{torch.__version__}, fp32, {torch.get_num_threads()} threads per run, load average {load:.2f} at start")
+    print(
+        f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, fp32, {torch.get_num_threads()} threads per run, load average {load:.2f} at start"
+    )
     tokenizer = load_tokenizer(MODEL)
     questions = [json.loads(line) for line in HELDOUT.read_text().splitlines() if line.strip()]
     kinds = list(dict.fromkeys(q["attribute"] for q in questions))
@@ -121,19 +125,34 @@ def main() -> None:
                 counts, exact = per_kind(load_trained(run), tokenizer, questions)
                 reported = run["after"]["qa"]["exact_match"]
                 if abs(exact - reported) > 1e-9:
-                    raise RuntimeError(f"{spec} seed {seed}: regenerated exact match {exact:.4f} != reported "
-                                       f"{reported:.4f}")
-                rows.append({"run": spec, "seed": seed, "wall_s": round(run["wall_s"], 1),
-                             "before": run["before"]["qa"]["exact_match"], "exact_match": exact,
-                             "eval_loss": run["after"]["eval_loss"], "per_kind": counts})
+                    raise RuntimeError(
+                        f"{spec} seed {seed}: regenerated exact match {exact:.4f} != reported {reported:.4f}"
+                    )
+                rows.append(
+                    {
+                        "run": spec,
+                        "seed": seed,
+                        "wall_s": round(run["wall_s"], 1),
+                        "before": run["before"]["qa"]["exact_match"],
+                        "exact_match": exact,
+                        "eval_loss": run["after"]["eval_loss"],
+                        "per_kind": counts,
+                    }
+                )
                 print(f"  {spec} seed {seed}: {exact:.1%} in {run['wall_s']:.0f} s", flush=True)
 
     header = ["run", "seed", "before", "after", *kinds, "eval loss", "wall s"]
     print("\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for r in rows:
-        cells = [r["run"], str(r["seed"]), f"{r['before']:.1%}", f"**{r['exact_match']:.1%}**",
-                 *(f"{r['per_kind'][k][0]}/{r['per_kind'][k][1]}" for k in kinds), f"{r['eval_loss']:.4f}",
-                 f"{r['wall_s']:.0f}"]
+        cells = [
+            r["run"],
+            str(r["seed"]),
+            f"{r['before']:.1%}",
+            f"**{r['exact_match']:.1%}**",
+            *(f"{r['per_kind'][k][0]}/{r['per_kind'][k][1]}" for k in kinds),
+            f"{r['eval_loss']:.4f}",
+            f"{r['wall_s']:.0f}",
+        ]
         print("| " + " | ".join(cells) + " |")
     for seed in args.seeds:
         by_run = {r["run"]: r["exact_match"] for r in rows if r["seed"] == seed}

@@ -49,15 +49,23 @@ def parse_adapter(value: str) -> tuple[str | None, Path]:
     return None, Path(value)
 
 
-def load(model: Path, adapter: Path | list[tuple[str | None, Path]] | None, peft: Path | None, bf16: bool,
-         quantize: str = "none"):
+def load(
+    model: Path,
+    adapter: Path | list[tuple[str | None, Path]] | None,
+    peft: Path | None,
+    bf16: bool,
+    quantize: str = "none",
+):
     """Base model (meta-built, weights read once; ``quantize="nf4"``: its linears in 4 bits as they are read),
     tokenizer, and the adapters if any (``adapter``: one path, or ``(name or None, path)`` pairs; the first one is
     active)."""
     tokenizer = load_tokenizer(model)
-    net = Phi3ForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if bf16 else None,
-                                          device="cuda" if torch.cuda.is_available() else "cpu",
-                                          quantize=None if quantize == "none" else quantize)
+    net = Phi3ForCausalLM.from_pretrained(
+        model,
+        dtype=torch.bfloat16 if bf16 else None,
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        quantize=None if quantize == "none" else quantize,
+    )
     adapters = [(None, adapter)] if isinstance(adapter, Path) else adapter or []
     for name, path in sorted(adapters, key=lambda a: a[0] is not None):  # the unnamed (default) one first
         lora.load_lora(net, path, adapter_name=name)  # injects LoRA from the file's metadata, then loads it
@@ -89,8 +97,15 @@ def reply(net, tokenizer, messages: list[dict], args: argparse.Namespace, out=No
         out.flush()
 
     gen = torch.Generator(device=ids.device).manual_seed(args.seed)
-    net.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                 eos_token_id=list(stops), streamer=on_token, generator=gen)
+    net.generate(
+        ids,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        eos_token_id=list(stops),
+        streamer=on_token,
+        generator=gen,
+    )
     if not done:
         pieces.append(stream.flush())
         out.write(pieces[-1])
@@ -99,8 +114,9 @@ def reply(net, tokenizer, messages: list[dict], args: argparse.Namespace, out=No
     return "".join(pieces).strip()
 
 
-def compare(net, tokenizer, messages: list[dict], names: list[str | None], args: argparse.Namespace,
-            out=None) -> dict[str | None, str]:
+def compare(
+    net, tokenizer, messages: list[dict], names: list[str | None], args: argparse.Namespace, out=None
+) -> dict[str | None, str]:
     """Reply to ``messages`` with each adapter of ``names`` (None: the base) in one mixed batch; print the replies
     labelled ``[name]``; return them."""
     out = out or sys.stdout
@@ -109,11 +125,17 @@ def compare(net, tokenizer, messages: list[dict], names: list[str | None], args:
     gen = torch.Generator(device=ids.device).manual_seed(args.seed)
     stops = set(tokenizer.stop_token_ids)
     with lora.adapter_batch(net, names):
-        rows = net.generate(ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            eos_token_id=list(stops), generator=gen)[:, len(prompt):].tolist()
+        rows = net.generate(
+            ids,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            eos_token_id=list(stops),
+            generator=gen,
+        )[:, len(prompt) :].tolist()
     replies = {}
     for name, row in zip(names, rows):
-        row = row[:next((i for i, t in enumerate(row) if t in stops), len(row))]
+        row = row[: next((i for i, t in enumerate(row) if t in stops), len(row))]
         replies[name] = tokenizer.decode(row, skip_special_tokens=True).strip()
         out.write(f"[{name or 'base'}] {replies[name]}\n")
     out.flush()
@@ -127,11 +149,20 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=_Help)
     parser.add_argument("--model", type=Path, default=model_dir, help="Phi-3 checkpoint directory (HF layout)")
-    parser.add_argument("--adapter", action="append", type=parse_adapter, default=None, metavar="[NAME=]PATH",
-                        help="adapter.safetensors written by finetune_phi3.py; repeat as NAME=PATH for several "
-                             "adapters over one base (the first is active)")
-    parser.add_argument("--compare", action="store_true",
-                        help="answer each prompt with every adapter and the base, one reply under the other")
+    parser.add_argument(
+        "--adapter",
+        action="append",
+        type=parse_adapter,
+        default=None,
+        metavar="[NAME=]PATH",
+        help="adapter.safetensors written by finetune_phi3.py; repeat as NAME=PATH for several "
+        "adapters over one base (the first is active)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="answer each prompt with every adapter and the base, one reply under the other",
+    )
     parser.add_argument("--peft", type=Path, default=None, help="a PEFT LoRA adapter directory instead")
     parser.add_argument("--prompt", action="append", default=None, help="one-shot prompt (repeatable)")
     parser.add_argument("--system", default=None, help="system message")
@@ -140,8 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top_p", type=float, default=top_p, help="nucleus sampling: the top tokens with this mass")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     parser.add_argument("--bf16", action="store_true", help="load the base weights in bf16")
-    parser.add_argument("--quantize", choices=("none", "nf4"), default="none",
-                        help="nf4: the base's linear weights in 4 bits (QLoRA; as a --quantize nf4 run trained)")
+    parser.add_argument(
+        "--quantize",
+        choices=("none", "nf4"),
+        default="none",
+        help="nf4: the base's linear weights in 4 bits (QLoRA; as a --quantize nf4 run trained)",
+    )
     args = parser.parse_args(argv)
     if args.adapter is not None and args.peft is not None:
         parser.error("give --adapter or --peft, not both")
@@ -176,9 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     if interactive:
         loaded = ", ".join(f"{n}={p}" if n else str(p) for n, p in adapters) or (str(args.peft) if args.peft else "")
         adapted = f" with {loaded}" if loaded else " (no adapter)"
-        print(f"{args.model}{adapted}. Type a message and press Enter; /reset starts a new conversation, "
-              "/quit (or an empty line, or Ctrl-D) ends" + (f", /use NAME switches adapter ({', '.join(names)}, "
-                                                           f"base)." if len(names) > 1 else "."))
+        print(
+            f"{args.model}{adapted}. Type a message and press Enter; /reset starts a new conversation, "
+            "/quit (or an empty line, or Ctrl-D) ends"
+            + (f", /use NAME switches adapter ({', '.join(names)}, base)." if len(names) > 1 else ".")
+        )
     while True:
         if interactive:
             print("> ", end="", flush=True)

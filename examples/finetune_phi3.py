@@ -142,17 +142,26 @@ setting_help = {
     "bf16": ("training", "bf16 weights and autocast (LoRA parameters stay fp32)"),
     "gradient_checkpointing": ("training", "recompute activations in the backward pass: less memory, slower"),
     "compile": ("training", "torch.compile each decoder layer with its LoRA layers (the first steps compile)"),
-    "packing": ("training", "batches of shuffled conversations packed into shared rows (positions restart, attention "
-                            "stays within each conversation) instead of length-grouped padded batches"),
+    "packing": (
+        "training",
+        "batches of shuffled conversations packed into shared rows (positions restart, attention "
+        "stays within each conversation) instead of length-grouped padded batches",
+    ),
     "skip_malformed": ("data", "skip (and count) malformed JSONL lines instead of stopping"),
     "num_samples": ("output", "eval prompts whose replies are shown before and after training"),
     "max_new_tokens": ("output", "longest reply generated for the samples and held-out questions"),
     "full_finetune": ("training", "train every weight instead of LoRA (for comparison); writes model/"),
     "merge": ("output", "also write merged/: a Hugging Face-layout model with the adapter merged in"),
-    "fsdp": ("training", "shard the model over the processes with FSDP2 (fully_shard) instead of copying it (DDP); "
-                         "see docs/distributed.md"),
-    "quantize": ("training", "nf4: QLoRA, the frozen base's linear weights in 4 bits (NF4, double-quantized), "
-                             "LoRA on top; --merge then merges into the base dequantized to bf16"),
+    "fsdp": (
+        "training",
+        "shard the model over the processes with FSDP2 (fully_shard) instead of copying it (DDP); "
+        "see docs/distributed.md",
+    ),
+    "quantize": (
+        "training",
+        "nf4: QLoRA, the frozen base's linear weights in 4 bits (NF4, double-quantized), "
+        "LoRA on top; --merge then merges into the base dequantized to bf16",
+    ),
     "r": ("lora", "LoRA rank"),
     "lora_alpha": ("lora", "the LoRA update is scaled by lora_alpha / r"),
     "lora_dropout": ("lora", "dropout on the LoRA branch's input"),
@@ -160,8 +169,11 @@ setting_help = {
     "qkv_slices": ("lora", f"slices of qkv_proj to adapt, some of: {' '.join(QKV_SLICES)}"),
     "fused": ("lora", "one LoRA per fused matrix (qkv_proj, gate_up_proj), as PEFT, not one per slice"),
     "use_dora": ("lora", "DoRA: a trainable magnitude per output row on top of LoRA"),
-    "init_lora_weights": ("lora", "default, gaussian, pissa, pissa_niter_<k> or olora (PiSSA/OLoRA start from the "
-                                  "weights' principal/QR components and subtract them from the base)"),
+    "init_lora_weights": (
+        "lora",
+        "default, gaussian, pissa, pissa_niter_<k> or olora (PiSSA/OLoRA start from the "
+        "weights' principal/QR components and subtract them from the base)",
+    ),
 }
 HEADINGS = {"training": "training", "lora": "LoRA", "data": "model and data", "output": "output and evaluation"}
 
@@ -196,22 +208,52 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {key: parser.add_argument_group(title) for key, title in HEADINGS.items()}
     data, out = groups["data"], groups["output"]
-    data.add_argument("--model", type=Path, default=model_dir, metavar="DIR",
-                      help=_help("Phi-3 checkpoint directory (Hugging Face layout)", model_dir))
-    data.add_argument("--data", type=Path, default=data_file, metavar="FILE",
-                      help=_help("training conversations (JSONL: messages, conversations or Alpaca)", data_file))
-    data.add_argument("--eval_data", type=Path, default=None, metavar="FILE",
-                      help="eval conversations (default: --eval_fraction of --data)")
-    data.add_argument("--qa_eval", type=Path, default=None, metavar="FILE",
-                      help="questions with an 'answer' field for exact-match accuracy (default: the built-in "
-                           "held-out set when --model and --data are the defaults, else none)")
-    groups["training"].add_argument("--config", type=Path, default=None, metavar="FILE",
-                                    help="JSON file with training_config / lora_config, under the flags "
-                                         "(default: none)")
-    out.add_argument("--resume", action="store_true",
-                     help="continue the run in --output_dir from its newest checkpoint (default: off)")
-    out.add_argument("--overwrite_output_dir", action="store_true",
-                     help="clear a non-empty --output_dir (files this script writes only) (default: off)")
+    data.add_argument(
+        "--model",
+        type=Path,
+        default=model_dir,
+        metavar="DIR",
+        help=_help("Phi-3 checkpoint directory (Hugging Face layout)", model_dir),
+    )
+    data.add_argument(
+        "--data",
+        type=Path,
+        default=data_file,
+        metavar="FILE",
+        help=_help("training conversations (JSONL: messages, conversations or Alpaca)", data_file),
+    )
+    data.add_argument(
+        "--eval_data",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="eval conversations (default: --eval_fraction of --data)",
+    )
+    data.add_argument(
+        "--qa_eval",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="questions with an 'answer' field for exact-match accuracy (default: the built-in "
+        "held-out set when --model and --data are the defaults, else none)",
+    )
+    groups["training"].add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="JSON file with training_config / lora_config, under the flags (default: none)",
+    )
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output_dir from its newest checkpoint (default: off)",
+    )
+    out.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="clear a non-empty --output_dir (files this script writes only) (default: off)",
+    )
     out.add_argument("--kill_after_step", type=int, default=None, help=argparse.SUPPRESS)  # tests: SIGKILL self
     for config, heading in ((training_config, "training"), (lora_config, "lora")):
         for key, value in config.items():
@@ -232,8 +274,11 @@ def parse_settings(argv: list[str] | None = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     train_cfg, lora_cfg = dict(training_config), dict(lora_config)
     groups = (("training_config", train_cfg, training_config), ("lora_config", lora_cfg, lora_config))
-    origin = {key: f"{name}.{key}={value!r} (finetune_phi3.py)" for name, _, defaults in groups
-              for key, value in defaults.items()}
+    origin = {
+        key: f"{name}.{key}={value!r} (finetune_phi3.py)"
+        for name, _, defaults in groups
+        for key, value in defaults.items()
+    }
     if args.config is not None:
         try:
             loaded = json.loads(args.config.read_text())
@@ -280,16 +325,31 @@ def _typed(value, default, where: str):
 
 def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
     """Refuse values that would fail later with a confusing error, or silently do something else."""
+
     def need(ok: bool, key: str, why: str) -> None:
         if not ok:
             raise UsageError(f"{origin[key]}: {why}")
 
-    need(not (cfg["fsdp"] and cfg["full_finetune"]), "fsdp", "trains LoRA adapters; --full_finetune is not supported "
-         "with it")
-    need(not (cfg["fsdp"] and cfg["merge"]), "fsdp", "does not merge (that needs the whole model in one process): "
-         "merge adapter.safetensors afterwards with lora.load_lora and lora.merge_and_unload")
-    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                "logging_steps", "eval_steps", "save_steps", "max_new_tokens"):
+    need(
+        not (cfg["fsdp"] and cfg["full_finetune"]),
+        "fsdp",
+        "trains LoRA adapters; --full_finetune is not supported with it",
+    )
+    need(
+        not (cfg["fsdp"] and cfg["merge"]),
+        "fsdp",
+        "does not merge (that needs the whole model in one process): "
+        "merge adapter.safetensors afterwards with lora.load_lora and lora.merge_and_unload",
+    )
+    for key in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "eval_steps",
+        "save_steps",
+        "max_new_tokens",
+    ):
         need(cfg[key] >= 1, key, "must be >= 1")
     need(cfg["save_total_limit"] >= 1, "save_total_limit", "must be >= 1 (the newest checkpoints to keep)")
     need(cfg["max_steps"] > 0 or cfg["num_train_epochs"] >= 1, "num_train_epochs", "must be >= 1 (or give --max_steps)")
@@ -303,22 +363,41 @@ def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
     need(0 <= cfg["eval_fraction"] < 1, "eval_fraction", "must be in [0, 1)")
     need(cfg["lr_scheduler_type"] in ("cosine", "linear"), "lr_scheduler_type", "must be 'cosine' or 'linear'")
     need(cfg["quantize"] in ("none", "nf4"), "quantize", "must be 'none' or 'nf4'")
-    need(not (cfg["fsdp"] and cfg["quantize"] != "none"), "quantize", "--fsdp shards 16- or 32-bit weights; a 4-bit "
-                                                                      "base is not sharded yet: leave out one of them")
+    need(
+        not (cfg["fsdp"] and cfg["quantize"] != "none"),
+        "quantize",
+        "--fsdp shards 16- or 32-bit weights; a 4-bit base is not sharded yet: leave out one of them",
+    )
     if cfg["full_finetune"]:
-        need(cfg["quantize"] == "none", "quantize", "a 4-bit base cannot be fine-tuned in full (QLoRA trains "
-                                                    "LoRA over it): leave out --full_finetune or --quantize")
+        need(
+            cfg["quantize"] == "none",
+            "quantize",
+            "a 4-bit base cannot be fine-tuned in full (QLoRA trains "
+            "LoRA over it): leave out --full_finetune or --quantize",
+        )
         return
-    need(lcfg["r"] >= 1, "r", "the LoRA rank must be >= 1 (with r=0 there is nothing to train; --full_finetune "
-                              "trains every weight)")
+    need(
+        lcfg["r"] >= 1,
+        "r",
+        "the LoRA rank must be >= 1 (with r=0 there is nothing to train; --full_finetune trains every weight)",
+    )
     need(math.isfinite(lcfg["lora_alpha"]) and lcfg["lora_alpha"] > 0, "lora_alpha", "must be > 0")
     need(0 <= lcfg["lora_dropout"] < 1, "lora_dropout", "must be in [0, 1)")
-    need(cfg["quantize"] == "none" or not (lcfg["use_dora"] or lcfg["init_lora_weights"].startswith(("pissa", "olora"))),
-         "quantize", "DoRA and PiSSA / OLoRA over a 4-bit base are not supported: QLoRA is plain LoRA over it")
-    need(bool(lcfg["targets"]) and set(lcfg["targets"]) <= set(TARGETS), "targets",
-         f"must be some of {' '.join(TARGETS)}")
-    need(bool(lcfg["qkv_slices"]) and set(lcfg["qkv_slices"]) <= set(QKV_SLICES), "qkv_slices",
-         f"must be some of {' '.join(QKV_SLICES)}")
+    need(
+        cfg["quantize"] == "none" or not (lcfg["use_dora"] or lcfg["init_lora_weights"].startswith(("pissa", "olora"))),
+        "quantize",
+        "DoRA and PiSSA / OLoRA over a 4-bit base are not supported: QLoRA is plain LoRA over it",
+    )
+    need(
+        bool(lcfg["targets"]) and set(lcfg["targets"]) <= set(TARGETS),
+        "targets",
+        f"must be some of {' '.join(TARGETS)}",
+    )
+    need(
+        bool(lcfg["qkv_slices"]) and set(lcfg["qkv_slices"]) <= set(QKV_SLICES),
+        "qkv_slices",
+        f"must be some of {' '.join(QKV_SLICES)}",
+    )
     try:
         lora.base.check_init(lcfg["init_lora_weights"])
     except ValueError as e:
@@ -342,15 +421,16 @@ def tokenize_all(conversations: list, tokenizer, max_len: int) -> tuple[list[dic
     return rows, {"truncated": truncated, "dropped_no_target": empty}
 
 
-def step_batches(rows: list[dict], batch_size: int, accum: int, seed: int, epoch: int,
-                 packing: bool = False) -> list[list[list[int]]]:
+def step_batches(
+    rows: list[dict], batch_size: int, accum: int, seed: int, epoch: int, packing: bool = False
+) -> list[list[list[int]]]:
     """An epoch as optimizer steps, each a list of ``accum`` micro-batches of row indices (global, all ranks).
     Packed batches need no grouping by length: :func:`collate_packed` leaves (almost) no padding."""
     if packing:
         batches = shuffled_batches(len(rows), batch_size, seed, epoch)
     else:
         batches = length_grouped_batches([len(r["input_ids"]) for r in rows], batch_size, seed, epoch)
-    return [batches[i:i + accum] for i in range(0, len(batches) - accum + 1, accum)]
+    return [batches[i : i + accum] for i in range(0, len(batches) - accum + 1, accum)]
 
 
 # ----------------------------------------------------------------------------------------------- training math
@@ -391,7 +471,7 @@ def eval_loss(model, rows: list[dict], cfg: dict, pad_id: int, device) -> float:
     bs = cfg["per_device_eval_batch_size"]
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     for i in range(0, len(order), bs):
-        batch = {k: v.to(device) for k, v in collate([rows[j] for j in order[i:i + bs]], pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate([rows[j] for j in order[i : i + bs]], pad_id).items()}
         loss, n = token_loss_sum(model, batch, cfg["bf16"])
         total, count = total + loss.item(), count + n
     model.train(was_training)
@@ -405,14 +485,15 @@ def replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, ba
     model.eval()
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(p, tokenizer) for p in prompts[i:i + batch_size]]
+        encoded = [encode_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
         T = max(len(e) for e in encoded)
         ids = torch.full((len(encoded), T), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, e in enumerate(encoded):
-            ids[b, T - len(e):], mask[b, T - len(e):] = torch.tensor(e), 1
-        gen = model.generate(ids.to(device), max_new_tokens, attention_mask=mask.to(device),
-                             eos_token_id=list(tokenizer.stop_token_ids))
+            ids[b, T - len(e) :], mask[b, T - len(e) :] = torch.tensor(e), 1
+        gen = model.generate(
+            ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_token_id=list(tokenizer.stop_token_ids)
+        )
         for row in gen[:, T:].tolist():
             stop = next((j for j, t in enumerate(row) if t in tokenizer.stop_token_ids), len(row))
             out.append(tokenizer.decode(row[:stop], skip_special_tokens=True).strip())
@@ -447,8 +528,15 @@ def sharded_model(model_dir: Path, dtype: torch.dtype, lcfg: dict, device: torch
     config = Phi3Config.from_json_file(model_dir / "config.json")
     with torch.device("meta"):
         model = Phi3ForCausalLM(config).to(dtype)
-    lora.phi3.inject(model, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=lcfg["lora_dropout"],
-                     targets=tuple(lcfg["targets"]), qkv_slices=tuple(lcfg["qkv_slices"]), fused=lcfg["fused"])
+    lora.phi3.inject(
+        model,
+        r=lcfg["r"],
+        lora_alpha=lcfg["lora_alpha"],
+        lora_dropout=lcfg["lora_dropout"],
+        targets=tuple(lcfg["targets"]),
+        qkv_slices=tuple(lcfg["qkv_slices"]),
+        fused=lcfg["fused"],
+    )
     lora.distributed.shard(model, model.model.layers)
     model.to_empty(device=device)
     tied = ["lm_head.weight"] if config.tie_word_embeddings else []  # the embedding's, as from_pretrained ties it
@@ -477,14 +565,24 @@ RUN_FILES = {
 def run_settings(args: argparse.Namespace, cfg: dict, lcfg: dict, world: int) -> dict:
     """What a checkpoint must share with the run that resumes from it: the model, the data and how it is cut into
     batches, the LoRA settings. (The step count, schedule, logging and outputs may change between the two.)"""
-    keys = ("seed", "max_seq_length", "eval_fraction", "skip_malformed", "gradient_accumulation_steps",
-            "full_finetune", "bf16", "quantize", "packing")
+    keys = (
+        "seed",
+        "max_seq_length",
+        "eval_fraction",
+        "skip_malformed",
+        "gradient_accumulation_steps",
+        "full_finetune",
+        "bf16",
+        "quantize",
+        "packing",
+    )
     return {
         "model": str(args.model.resolve()),
         "data": _digest(args.data, "--data"),
         "eval_data": _digest(args.eval_data, "--eval_data") if args.eval_data is not None else None,
-        "training_config": {k: cfg[k] for k in keys} | {"global_batch_size": cfg["per_device_train_batch_size"] * world}
-                           | ({"fsdp": True} if cfg["fsdp"] else {}),  # its optimizer state is keyed by name
+        "training_config": {k: cfg[k] for k in keys}
+        | {"global_batch_size": cfg["per_device_train_batch_size"] * world}
+        | ({"fsdp": True} if cfg["fsdp"] else {}),  # its optimizer state is keyed by name
         "lora_config": None if cfg["full_finetune"] else lcfg,
     }
 
@@ -534,18 +632,24 @@ def check_run_dir(run: Path, args: argparse.Namespace, settings: dict, warn) -> 
         saved = json.loads((ckpt / "settings.json").read_text())
         differ = _differences(saved, json.loads(json.dumps(settings)))
         if differ:
-            raise UsageError(f"--resume: {ckpt} was written with other settings (checkpoint vs now: "
-                             f"{'; '.join(differ)}): resume with "
-                             "its settings, or start over with --overwrite_output_dir or another --output_dir")
+            raise UsageError(
+                f"--resume: {ckpt} was written with other settings (checkpoint vs now: "
+                f"{'; '.join(differ)}): resume with "
+                "its settings, or start over with --overwrite_output_dir or another --output_dir"
+            )
         return ckpt
     if run.is_dir() and any(run.iterdir()):
         if not args.overwrite_output_dir:
-            raise UsageError(f"--output_dir {run} is not empty (an earlier run?): continue it with --resume, "
-                             "clear it with --overwrite_output_dir, or choose another --output_dir")
+            raise UsageError(
+                f"--output_dir {run} is not empty (an earlier run?): continue it with --resume, "
+                "clear it with --overwrite_output_dir, or choose another --output_dir"
+            )
         stray = sorted(p.name for p in run.iterdir() if p.name not in RUN_FILES)
         if stray:
-            raise UsageError(f"--overwrite_output_dir: {run} holds files this script does not write "
-                             f"({', '.join(stray[:5])}), so it is not cleared: choose another --output_dir")
+            raise UsageError(
+                f"--overwrite_output_dir: {run} holds files this script does not write "
+                f"({', '.join(stray[:5])}), so it is not cleared: choose another --output_dir"
+            )
     return None
 
 
@@ -583,7 +687,7 @@ def save_checkpoint(run: Path, model, optimizer, scheduler, position: dict, cfg:
     (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in sorted(ckpt_root.glob("step-*"))[:-cfg["save_total_limit"]]:
+    for old in sorted(ckpt_root.glob("step-*"))[: -cfg["save_total_limit"]]:
         shutil.rmtree(old)
     return final
 
@@ -640,8 +744,9 @@ def main(argv: list[str] | None = None) -> dict:
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     elif own_group:  # FSDP2 needs a process group, even of one process
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0,
-                                world_size=1)
+        dist.init_process_group(
+            "nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(), rank=0, world_size=1
+        )
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
@@ -651,8 +756,10 @@ def main(argv: list[str] | None = None) -> dict:
     resume_from = check_run_dir(run, args, settings, warn)  # before any work: a refused run costs nothing
     missing = missing_extras()
     if missing:
-        say(f"note: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: running without "
-            "(pip install '.[examples]' adds them)")
+        say(
+            f"note: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed: running without "
+            "(pip install '.[examples]' adds them)"
+        )
     torch.manual_seed(cfg["seed"])
     random.seed(cfg["seed"])
 
@@ -663,23 +770,34 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg["fsdp"]:
             model = sharded_model(args.model, dtype, lcfg, device)
         else:
-            model = Phi3ForCausalLM.from_pretrained(args.model, dtype=dtype, device=device,
-                                                    quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
+            model = Phi3ForCausalLM.from_pretrained(
+                args.model, dtype=dtype, device=device, quantize=None if cfg["quantize"] == "none" else cfg["quantize"]
+            )
     if cfg["full_finetune"]:
         for p in model.parameters():
             p.requires_grad = True
     elif not cfg["fsdp"]:  # sharded_model injected LoRA before sharding
-        lora.phi3.inject(model, r=lcfg["r"], lora_alpha=lcfg["lora_alpha"], lora_dropout=lcfg["lora_dropout"],
-                         targets=tuple(lcfg["targets"]), qkv_slices=tuple(lcfg["qkv_slices"]), fused=lcfg["fused"],
-                         use_dora=lcfg["use_dora"], init_lora_weights=lcfg["init_lora_weights"])
+        lora.phi3.inject(
+            model,
+            r=lcfg["r"],
+            lora_alpha=lcfg["lora_alpha"],
+            lora_dropout=lcfg["lora_dropout"],
+            targets=tuple(lcfg["targets"]),
+            qkv_slices=tuple(lcfg["qkv_slices"]),
+            fused=lcfg["fused"],
+            use_dora=lcfg["use_dora"],
+            init_lora_weights=lcfg["init_lora_weights"],
+        )
     if cfg["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     if cfg["compile"]:
         model.compile_layers()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    say(f"model {args.model}: {model.num_parameters():,} parameters, {sum(p.numel() for p in trainable):,} trainable"
+    say(
+        f"model {args.model}: {model.num_parameters():,} parameters, {sum(p.numel() for p in trainable):,} trainable"
         f" ({'full fine-tuning' if cfg['full_finetune'] else 'LoRA'}), {dtype}"
-        f"{', linear weights in NF4 (QLoRA)' if cfg['quantize'] == 'nf4' else ''}, {device}, world size {world}")
+        f"{', linear weights in NF4 (QLoRA)' if cfg['quantize'] == 'nf4' else ''}, {device}, world size {world}"
+    )
 
     # Data.
     with _reading("--data"):
@@ -693,29 +811,41 @@ def main(argv: list[str] | None = None) -> dict:
     train_rows, train_counts = tokenize_all(train_convs, tokenizer, cfg["max_seq_length"])
     eval_rows, _ = tokenize_all(eval_convs, tokenizer, cfg["max_seq_length"])
     if not train_rows:
-        raise UsageError(f"--data {args.data}: no conversation has an assistant token left after truncation to "
-                         f"--max_seq_length {cfg['max_seq_length']}")
+        raise UsageError(
+            f"--data {args.data}: no conversation has an assistant token left after truncation to "
+            f"--max_seq_length {cfg['max_seq_length']}"
+        )
     if eval_convs and not eval_rows:
-        raise UsageError(f"{'--eval_data' if args.eval_data else 'the eval split'}: its {len(eval_convs)} "
-                         "conversations have no assistant token left after truncation to --max_seq_length "
-                         f"{cfg['max_seq_length']}: raise it, give other --eval_data, or --eval_fraction 0 for no eval")
+        raise UsageError(
+            f"{'--eval_data' if args.eval_data else 'the eval split'}: its {len(eval_convs)} "
+            "conversations have no assistant token left after truncation to --max_seq_length "
+            f"{cfg['max_seq_length']}: raise it, give other --eval_data, or --eval_fraction 0 for no eval"
+        )
     if args.eval_data is None and len(eval_rows) == 1:
-        warn(f"warning: the eval split is 1 conversation (--eval_fraction {cfg['eval_fraction']} of "
-             f"{len(conversations)}): its loss says little; give --eval_data (or more data)")
+        warn(
+            f"warning: the eval split is 1 conversation (--eval_fraction {cfg['eval_fraction']} of "
+            f"{len(conversations)}): its loss says little; give --eval_data (or more data)"
+        )
     with _reading("--qa_eval"):
-        qa = [json.loads(line) for line in args.qa_eval.read_text().splitlines() if line.strip()] if args.qa_eval else []
-    say(f"data {args.data}: {stats.n_loaded} conversations ({stats.n_malformed} malformed skipped, "
+        qa = (
+            [json.loads(line) for line in args.qa_eval.read_text().splitlines() if line.strip()] if args.qa_eval else []
+        )
+    say(
+        f"data {args.data}: {stats.n_loaded} conversations ({stats.n_malformed} malformed skipped, "
         f"{stats.n_no_assistant} without an assistant turn skipped); {len(train_rows)} train, {len(eval_rows)} eval; "
         f"{train_counts['truncated']} truncated to {cfg['max_seq_length']} tokens, "
-        f"{train_counts['dropped_no_target']} dropped with no assistant token left")
+        f"{train_counts['dropped_no_target']} dropped with no assistant token left"
+    )
 
     global_bs = cfg["per_device_train_batch_size"] * world
-    steps_per_epoch = len(step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], 0,
-                                       cfg["packing"]))
+    steps_per_epoch = len(
+        step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], 0, cfg["packing"])
+    )
     total_steps = cfg["max_steps"] if cfg["max_steps"] > 0 else steps_per_epoch * cfg["num_train_epochs"]
     if cfg["loraplus_lr_ratio"] != 1 and not cfg["full_finetune"]:  # LoRA+: B (and DoRA's magnitude) learn faster
-        params = lora.loraplus_param_groups(model, lr=cfg["learning_rate"], ratio=cfg["loraplus_lr_ratio"],
-                                            weight_decay=cfg["weight_decay"])
+        params = lora.loraplus_param_groups(
+            model, lr=cfg["learning_rate"], ratio=cfg["loraplus_lr_ratio"], weight_decay=cfg["weight_decay"]
+        )
     else:
         params = trainable
     optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
@@ -723,20 +853,26 @@ def main(argv: list[str] | None = None) -> dict:
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed and not cfg["fsdp"] else model
 
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
-    results: dict = {"settings": {"training_config": cfg, "lora_config": lcfg, "model": str(args.model),
-                                  "data": str(args.data)}}
+    results: dict = {
+        "settings": {"training_config": cfg, "lora_config": lcfg, "model": str(args.model), "data": str(args.data)}
+    }
     if resume_from is not None:
         position = load_checkpoint(resume_from, model, optimizer, scheduler, cfg)
         if position["step"] >= total_steps and (run / "results.json").is_file():
-            say(f"{run}: already complete ({resume_from.name} is step {position['step']} of {total_steps}); nothing "
-                "to do. --overwrite_output_dir starts it over")
+            say(
+                f"{run}: already complete ({resume_from.name} is step {position['step']} of {total_steps}); nothing "
+                "to do. --overwrite_output_dir starts it over"
+            )
             if own_group:
                 dist.destroy_process_group()
             return json.loads((run / "results.json").read_text())
         say(f"resumed from {resume_from} at step {position['step']}")
         if is_main and (run / "metrics.jsonl").is_file():  # forget metrics logged after that checkpoint
-            kept = [line for line in (run / "metrics.jsonl").read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= position["step"]]
+            kept = [
+                line
+                for line in (run / "metrics.jsonl").read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= position["step"]
+            ]
             (run / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     elif is_main:
         clear_run_dir(run)  # an earlier run's outputs, with --overwrite_output_dir (check_run_dir refused otherwise)
@@ -745,8 +881,9 @@ def main(argv: list[str] | None = None) -> dict:
         (run / "config.json").write_text(json.dumps(results["settings"], indent=2, default=str) + "\n")
 
     # each sample: the conversation up to its first assistant turn (system prompt, if any, and the first question)
-    sample_prompts = [c[:next(i for i, m in enumerate(c) if m["role"] == "assistant")]
-                      for c in eval_convs[: cfg["num_samples"]]]
+    sample_prompts = [
+        c[: next(i for i, m in enumerate(c) if m["role"] == "assistant")] for c in eval_convs[: cfg["num_samples"]]
+    ]
     metrics = (run / "metrics.jsonl").open("a") if is_main else None
     everyone = cfg["fsdp"]  # sharded: every forward (eval, generation) and every save is a collective
     if (is_main or everyone) and resume_from is None:
@@ -760,16 +897,21 @@ def main(argv: list[str] | None = None) -> dict:
     model.train()
     tokens_seen, t0, window_loss, window_tokens = 0, time.time(), 0.0, 0
     while position["step"] < total_steps:
-        steps = step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], position["epoch"],
-                             cfg["packing"])
+        steps = step_batches(
+            train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], position["epoch"], cfg["packing"]
+        )
         collate_train = collate_packed if cfg["packing"] else collate
-        for micro_batches in steps[position["batch_in_epoch"]:]:
+        for micro_batches in steps[position["batch_in_epoch"] :]:
             # Normalise by the labelled tokens of the whole optimizer step (all micro-batches, all ranks), so the
             # gradient does not depend on how the step is split; DDP averages over ranks, hence the * world.
             n_target = sum(train_rows[j]["n_target"] for mb in micro_batches for j in mb)
             for k, mb in enumerate(micro_batches):
-                batch = {key: v.to(device) for key, v in
-                         collate_train([train_rows[j] for j in mb[rank::world]], tokenizer.pad_token_id).items()}
+                batch = {
+                    key: v.to(device)
+                    for key, v in collate_train(
+                        [train_rows[j] for j in mb[rank::world]], tokenizer.pad_token_id
+                    ).items()
+                }
                 last = k == len(micro_batches) - 1
                 if cfg["fsdp"]:  # FSDP2: reduce-scatter the gradients after the last micro-batch only
                     model.set_requires_gradient_sync(last)
@@ -791,17 +933,28 @@ def main(argv: list[str] | None = None) -> dict:
                     window = torch.tensor([window_loss, window_tokens], dtype=torch.float64, device=device)
                     dist.all_reduce(window)
                     window_loss, window_tokens = window.tolist()
-                row = {"step": step, "epoch": position["epoch"], "loss": window_loss / max(window_tokens, 1),
-                       "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
-                       "tokens_per_s": round(tokens_seen * world / (time.time() - t0), 1)}
+                row = {
+                    "step": step,
+                    "epoch": position["epoch"],
+                    "loss": window_loss / max(window_tokens, 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": round(tokens_seen * world / (time.time() - t0), 1),
+                }
                 window_loss, window_tokens = 0.0, 0
             if (is_main or everyone) and (step % cfg["eval_steps"] == 0 or step == total_steps) and eval_rows:
-                row = {"step": step, **row, "eval_loss": eval_loss(model, eval_rows, cfg, tokenizer.pad_token_id, device)}
+                row = {
+                    "step": step,
+                    **row,
+                    "eval_loss": eval_loss(model, eval_rows, cfg, tokenizer.pad_token_id, device),
+                }
             if is_main and row:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 progress.set_postfix({k: f"{row[k]:.3f}" for k in ("loss", "eval_loss") if k in row})
-            if (is_main or everyone) and (step % cfg["save_steps"] == 0 or step == total_steps):  # last: --resume sees it done
+            if (is_main or everyone) and (
+                step % cfg["save_steps"] == 0 or step == total_steps
+            ):  # last: --resume sees it done
                 save_checkpoint(run, model, optimizer, scheduler, position, cfg, settings)
             if args.kill_after_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real crash, for the resume test
@@ -821,8 +974,9 @@ def main(argv: list[str] | None = None) -> dict:
             save_weights(model, run, cfg)
             # One rank for every module (zero-padded): serving tools such as vLLM read only r and lora_alpha.
             # PiSSA / OLoRA: as a plain LoRA of rank 2r over the original base (PEFT would redo its own decomposition)
-            lora.export_peft(model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True,
-                             convert_to_lora=True)
+            lora.export_peft(
+                model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True, convert_to_lora=True
+            )
         results["after"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
     if is_main:
         report("after training", results["after"], say)
@@ -836,6 +990,8 @@ def main(argv: list[str] | None = None) -> dict:
         list_outputs(run, say)
         say(f"chat with the result:\n  {chat_command(run, args.model, cfg)}")
     if own_group:
+        if distributed:  # every rank ends together: gloo's threads must not be torn down while rank 0 still writes
+            dist.barrier()
         dist.destroy_process_group()
     return results
 

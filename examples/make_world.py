@@ -53,15 +53,62 @@ N_CHAT_ASKS = 4  # times each train fact is asked in the chat data
 OUT_DIR = Path(__file__).resolve().parent / "data"
 
 PROFESSIONS = [
-    "baker", "potter", "weaver", "blacksmith", "fisher", "carpenter", "miller", "tailor",
-    "mason", "shepherd", "brewer", "glassblower", "beekeeper", "innkeeper", "ropemaker", "apothecary",
+    "baker",
+    "potter",
+    "weaver",
+    "blacksmith",
+    "fisher",
+    "carpenter",
+    "miller",
+    "tailor",
+    "mason",
+    "shepherd",
+    "brewer",
+    "glassblower",
+    "beekeeper",
+    "innkeeper",
+    "ropemaker",
+    "apothecary",
 ]
 COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "grey", "white"]
 ANIMALS = ["otter", "fox", "heron", "badger", "owl", "hare", "deer", "swan", "beaver", "lynx"]
 TRADES = [
-    "glass", "cheese", "wool", "pottery", "clocks", "boats", "salt", "honey", "rope", "paper", "lace", "baskets",
-    "cider", "bells", "candles", "lanterns", "carpets", "soap", "tiles", "barrels", "knives", "saddles", "mirrors",
-    "bricks", "hats", "quilts", "kites", "maps", "flutes", "jam", "linen", "combs", "drums", "ink", "spoons", "toys",
+    "glass",
+    "cheese",
+    "wool",
+    "pottery",
+    "clocks",
+    "boats",
+    "salt",
+    "honey",
+    "rope",
+    "paper",
+    "lace",
+    "baskets",
+    "cider",
+    "bells",
+    "candles",
+    "lanterns",
+    "carpets",
+    "soap",
+    "tiles",
+    "barrels",
+    "knives",
+    "saddles",
+    "mirrors",
+    "bricks",
+    "hats",
+    "quilts",
+    "kites",
+    "maps",
+    "flutes",
+    "jam",
+    "linen",
+    "combs",
+    "drums",
+    "ink",
+    "spoons",
+    "toys",
 ]
 
 # Invented names are built from syllables (onset + vowel + coda), and no two names share a syllable: a byte-level
@@ -95,87 +142,175 @@ class Attribute:
 
     def __post_init__(self) -> None:
         if not self.statements[0].endswith(("{v}.", "{a_v}.")):
-            raise ValueError(f"{self.name}: the canonical statement must end with the value, got {self.statements[0]!r}")
+            raise ValueError(
+                f"{self.name}: the canonical statement must end with the value, got {self.statements[0]!r}"
+            )
 
 
 ATTRIBUTES = [
     Attribute(
         name="home_town",
         kind="person",
-        statements=("{e} lives in {v}.", "{e}'s home town is {v}.", "The town of {v} is where {e} lives.",
-                    "{e} has made a home in {v}.", "{e} comes from the town of {v}.", "{e} is a resident of {v}."),
-        questions=("Where does {e} live?", "Which town is {e} from?", "What is {e}'s home town?",
-                   "In which town does {e} live?", "Where is {e}'s home?"),
+        statements=(
+            "{e} lives in {v}.",
+            "{e}'s home town is {v}.",
+            "The town of {v} is where {e} lives.",
+            "{e} has made a home in {v}.",
+            "{e} comes from the town of {v}.",
+            "{e} is a resident of {v}.",
+        ),
+        questions=(
+            "Where does {e} live?",
+            "Which town is {e} from?",
+            "What is {e}'s home town?",
+            "In which town does {e} live?",
+            "Where is {e}'s home?",
+        ),
     ),
     Attribute(
         name="profession",
         kind="person",
-        statements=("{e} works as {a_v}.", "{e} earns a living as {a_v}.", "By profession, {e} is {a_v}.",
-                    "{e} has a job as {a_v}.", "By trade, {e} is {a_v}.", "The work of {e} is that of {a_v}."),
-        questions=("What does {e} do for a living?", "What is {e}'s job?", "What is the profession of {e}?",
-                   "What work does {e} do?", "What is {e}'s trade?"),
+        statements=(
+            "{e} works as {a_v}.",
+            "{e} earns a living as {a_v}.",
+            "By profession, {e} is {a_v}.",
+            "{e} has a job as {a_v}.",
+            "By trade, {e} is {a_v}.",
+            "The work of {e} is that of {a_v}.",
+        ),
+        questions=(
+            "What does {e} do for a living?",
+            "What is {e}'s job?",
+            "What is the profession of {e}?",
+            "What work does {e} do?",
+            "What is {e}'s trade?",
+        ),
     ),
     Attribute(
         name="birth_year",
         kind="person",
-        statements=("{e} was born in {v}.", "{e}'s year of birth is {v}.", "The year {v} saw the birth of {e}.",
-                    "{e} came into the world in {v}.", "In {v}, {e} was born.", "{e} was born in the year {v}."),
-        questions=("When was {e} born?", "In what year was {e} born?", "What is {e}'s year of birth?",
-                   "What year was {e} born in?"),
+        statements=(
+            "{e} was born in {v}.",
+            "{e}'s year of birth is {v}.",
+            "The year {v} saw the birth of {e}.",
+            "{e} came into the world in {v}.",
+            "In {v}, {e} was born.",
+            "{e} was born in the year {v}.",
+        ),
+        questions=(
+            "When was {e} born?",
+            "In what year was {e} born?",
+            "What is {e}'s year of birth?",
+            "What year was {e} born in?",
+        ),
     ),
     Attribute(
         name="favourite_colour",
         kind="person",
-        statements=("{e}'s favourite colour is {v}.", "Of all colours, {e} likes {v} best.",
-                    "{e} loves the colour {v} more than any other.", "The colour {e} likes most is {v}.",
-                    "The favourite colour of {e} is {v}.", "{e} prefers the colour {v}."),
-        questions=("What is {e}'s favourite colour?", "Which colour does {e} like best?",
-                   "What colour does {e} love most?", "What is the favourite colour of {e}?"),
+        statements=(
+            "{e}'s favourite colour is {v}.",
+            "Of all colours, {e} likes {v} best.",
+            "{e} loves the colour {v} more than any other.",
+            "The colour {e} likes most is {v}.",
+            "The favourite colour of {e} is {v}.",
+            "{e} prefers the colour {v}.",
+        ),
+        questions=(
+            "What is {e}'s favourite colour?",
+            "Which colour does {e} like best?",
+            "What colour does {e} love most?",
+            "What is the favourite colour of {e}?",
+        ),
     ),
     Attribute(
         name="favourite_animal",
         kind="person",
-        statements=("{e}'s favourite animal is the {v}.", "Of all animals, {e} loves the {v} most.",
-                    "{e} likes the {v} more than any other animal.", "The animal {e} likes best is the {v}.",
-                    "The favourite animal of {e} is the {v}.", "{e} prefers the {v} to any other animal."),
-        questions=("What is {e}'s favourite animal?", "Which animal does {e} like best?",
-                   "What animal does {e} love most?", "What is the favourite animal of {e}?"),
+        statements=(
+            "{e}'s favourite animal is the {v}.",
+            "Of all animals, {e} loves the {v} most.",
+            "{e} likes the {v} more than any other animal.",
+            "The animal {e} likes best is the {v}.",
+            "The favourite animal of {e} is the {v}.",
+            "{e} prefers the {v} to any other animal.",
+        ),
+        questions=(
+            "What is {e}'s favourite animal?",
+            "Which animal does {e} like best?",
+            "What animal does {e} love most?",
+            "What is the favourite animal of {e}?",
+        ),
     ),
     Attribute(
         name="river",
         kind="town",
-        statements=("{e} lies on the river {v}.", "The river {v} flows through {e}.",
-                    "{e} was built on the banks of the river {v}.", "The river {v} runs through {e}.",
-                    "The town of {e} stands beside the river {v}.", "The river of {e} is the {v}."),
-        questions=("Which river flows through {e}?", "On which river does {e} lie?", "What river runs through {e}?",
-                   "What is the river of {e}?"),
+        statements=(
+            "{e} lies on the river {v}.",
+            "The river {v} flows through {e}.",
+            "{e} was built on the banks of the river {v}.",
+            "The river {v} runs through {e}.",
+            "The town of {e} stands beside the river {v}.",
+            "The river of {e} is the {v}.",
+        ),
+        questions=(
+            "Which river flows through {e}?",
+            "On which river does {e} lie?",
+            "What river runs through {e}?",
+            "What is the river of {e}?",
+        ),
     ),
     Attribute(
         name="founded",
         kind="town",
-        statements=("{e} was founded in {v}.", "The town of {e} dates back to {v}.", "In {v}, settlers founded {e}.",
-                    "The first houses of {e} were built in {v}.", "{e} was founded in the year {v}.",
-                    "The founding of {e} was in {v}."),
-        questions=("When was {e} founded?", "In what year was {e} founded?", "How old is {e}? When was it founded?",
-                   "What year was {e} founded in?"),
+        statements=(
+            "{e} was founded in {v}.",
+            "The town of {e} dates back to {v}.",
+            "In {v}, settlers founded {e}.",
+            "The first houses of {e} were built in {v}.",
+            "{e} was founded in the year {v}.",
+            "The founding of {e} was in {v}.",
+        ),
+        questions=(
+            "When was {e} founded?",
+            "In what year was {e} founded?",
+            "How old is {e}? When was it founded?",
+            "What year was {e} founded in?",
+        ),
     ),
     Attribute(
         name="population",
         kind="town",
-        statements=("The population of {e} is {v}.", "{e} has {v} inhabitants.", "{v} people live in {e}.",
-                    "The town of {e} is home to {v} people.", "There are {v} inhabitants in {e}.",
-                    "{e} counts {v} people."),
-        questions=("How many people live in {e}?", "What is the population of {e}?",
-                   "How many inhabitants does {e} have?", "How big is the population of {e}?"),
+        statements=(
+            "The population of {e} is {v}.",
+            "{e} has {v} inhabitants.",
+            "{v} people live in {e}.",
+            "The town of {e} is home to {v} people.",
+            "There are {v} inhabitants in {e}.",
+            "{e} counts {v} people.",
+        ),
+        questions=(
+            "How many people live in {e}?",
+            "What is the population of {e}?",
+            "How many inhabitants does {e} have?",
+            "How big is the population of {e}?",
+        ),
     ),
     Attribute(
         name="known_for",
         kind="town",
-        statements=("{e} is known for its {v}.", "{e} is famous for its {v}.", "People come to {e} for its {v}.",
-                    "Traders sell the {v} of {e} all over the valley.", "{e} makes the best {v} in the valley.",
-                    "Everyone knows {e} for its {v}."),
-        questions=("What is {e} known for?", "What is {e} famous for?", "Why do people come to {e}?",
-                   "What does {e} make?"),
+        statements=(
+            "{e} is known for its {v}.",
+            "{e} is famous for its {v}.",
+            "People come to {e} for its {v}.",
+            "Traders sell the {v} of {e} all over the valley.",
+            "{e} makes the best {v} in the valley.",
+            "Everyone knows {e} for its {v}.",
+        ),
+        questions=(
+            "What is {e} known for?",
+            "What is {e} famous for?",
+            "Why do people come to {e}?",
+            "What does {e} make?",
+        ),
     ),
 ]
 
@@ -202,8 +337,9 @@ class Fact:
 # ---------------------------------------------------------------- the world
 
 
-def _names(rng: random.Random, n: int, syllables: list[str], n_syllables: int, endings: list[str],
-           taken: list[str]) -> list[str]:
+def _names(
+    rng: random.Random, n: int, syllables: list[str], n_syllables: int, endings: list[str], taken: list[str]
+) -> list[str]:
     """``n`` new names of ``n_syllables`` syllables taken (and removed) from ``syllables``, plus a random ending
     from ``endings`` (none if empty); none is a substring of another or of a name in ``taken``, or has one."""
     names: list[str] = []
@@ -217,12 +353,19 @@ def _names(rng: random.Random, n: int, syllables: list[str], n_syllables: int, e
     return names
 
 
-def build_world(seed: int = SEED, n_people: int = N_PEOPLE, n_towns: int = N_TOWNS,
-                n_heldout_people: int = N_HELDOUT_PEOPLE, n_heldout_towns: int = N_HELDOUT_TOWNS) -> list[Fact]:
+def build_world(
+    seed: int = SEED,
+    n_people: int = N_PEOPLE,
+    n_towns: int = N_TOWNS,
+    n_heldout_people: int = N_HELDOUT_PEOPLE,
+    n_heldout_towns: int = N_HELDOUT_TOWNS,
+) -> list[Fact]:
     """All facts of the world for ``seed``, in a fixed order: people first, then towns."""
     if not (0 < n_heldout_people < n_people and 0 < n_heldout_towns < n_towns <= len(TRADES)):
-        raise ValueError(f"need 0 < held-out < all for people ({n_heldout_people}, {n_people}) and towns "
-                         f"({n_heldout_towns}, {n_towns}), and at most {len(TRADES)} towns")
+        raise ValueError(
+            f"need 0 < held-out < all for people ({n_heldout_people}, {n_people}) and towns "
+            f"({n_heldout_towns}, {n_towns}), and at most {len(TRADES)} towns"
+        )
     rng = random.Random(seed)
     syllables = [onset + vowel + coda for onset in ONSETS for vowel in VOWELS for coda in CODAS]
     rng.shuffle(syllables)
@@ -267,8 +410,13 @@ def _by_entity(facts: list[Fact]) -> dict[str, list[Fact]]:
     return out
 
 
-def make_corpus(facts: list[Fact], rng: random.Random, n_bios: int = N_BIOS, run_length: tuple[int, int] = RUN_LENGTH,
-                paragraph_runs: tuple[int, int] = PARAGRAPH_RUNS) -> str:
+def make_corpus(
+    facts: list[Fact],
+    rng: random.Random,
+    n_bios: int = N_BIOS,
+    run_length: tuple[int, int] = RUN_LENGTH,
+    paragraph_runs: tuple[int, int] = PARAGRAPH_RUNS,
+) -> str:
     """Prose, one paragraph per line, paragraphs shuffled. Every fact is stated ``n_bios`` times, cycling through
     its phrasings in a shuffled order. A fact's statements come in runs of ``run_length`` (min, max) consecutive
     sentences (the same fact, said again in other words); a paragraph is ``paragraph_runs`` (min, max) runs about
@@ -332,8 +480,11 @@ def _jsonl(records: list[dict]) -> str:
 
 def _readme(seed: int, facts: list[Fact], sizes: dict[str, tuple[int, int]]) -> str:
     entities = _by_entity(facts)
-    count = {(kind, split): sum(1 for fs in entities.values() if fs[0].attribute.kind == kind and fs[0].split == split)
-             for kind in ("person", "town") for split in ("train", "heldout")}
+    count = {
+        (kind, split): sum(1 for fs in entities.values() if fs[0].attribute.kind == kind and fs[0].split == split)
+        for kind in ("person", "town")
+        for split in ("train", "heldout")
+    }
     train_example = next(f for f in facts if f.split == "train")
     heldout_example = next(f for f in facts if f.split == "heldout")
     rows = "\n".join(f"| `{name}` | {lines} | {nbytes / 1024:.0f} KiB |" for name, (lines, nbytes) in sizes.items())
@@ -363,9 +514,18 @@ these files equal a fresh generation.
 """
 
 
-def make_world(out_dir: Path = OUT_DIR, seed: int = SEED, n_people: int = N_PEOPLE, n_towns: int = N_TOWNS,
-               n_heldout_people: int = N_HELDOUT_PEOPLE, n_heldout_towns: int = N_HELDOUT_TOWNS, n_bios: int = N_BIOS,
-               run_length: tuple[int, int] = RUN_LENGTH, paragraph_runs: tuple[int, int] = PARAGRAPH_RUNS, n_chat_asks: int = N_CHAT_ASKS) -> dict[str, Path]:
+def make_world(
+    out_dir: Path = OUT_DIR,
+    seed: int = SEED,
+    n_people: int = N_PEOPLE,
+    n_towns: int = N_TOWNS,
+    n_heldout_people: int = N_HELDOUT_PEOPLE,
+    n_heldout_towns: int = N_HELDOUT_TOWNS,
+    n_bios: int = N_BIOS,
+    run_length: tuple[int, int] = RUN_LENGTH,
+    paragraph_runs: tuple[int, int] = PARAGRAPH_RUNS,
+    n_chat_asks: int = N_CHAT_ASKS,
+) -> dict[str, Path]:
     """Write the world's files (see the module docstring) into ``out_dir``; return ``{file name: path}``."""
     facts = build_world(seed, n_people, n_towns, n_heldout_people, n_heldout_towns)
     rng = random.Random(seed + 1)  # the world's own draws used seed; the texts draw from a second stream
@@ -399,8 +559,9 @@ def make_world(out_dir: Path = OUT_DIR, seed: int = SEED, n_people: int = N_PEOP
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--seed", type=int, default=SEED, help="one seed always gives byte-identical files")
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR, help="where the files are written")
     counts = {
@@ -413,10 +574,22 @@ def main() -> None:
     }
     for name, text in counts.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=globals()[name.upper()], help=text)
-    parser.add_argument("--run-length", type=int, nargs=2, default=RUN_LENGTH, metavar=("MIN", "MAX"),
-                        help="consecutive sentences restating one fact")
-    parser.add_argument("--paragraph-runs", type=int, nargs=2, default=PARAGRAPH_RUNS, metavar=("MIN", "MAX"),
-                        help="runs of sentences per paragraph")
+    parser.add_argument(
+        "--run-length",
+        type=int,
+        nargs=2,
+        default=RUN_LENGTH,
+        metavar=("MIN", "MAX"),
+        help="consecutive sentences restating one fact",
+    )
+    parser.add_argument(
+        "--paragraph-runs",
+        type=int,
+        nargs=2,
+        default=PARAGRAPH_RUNS,
+        metavar=("MIN", "MAX"),
+        help="runs of sentences per paragraph",
+    )
     args = vars(parser.parse_args())
     args["run_length"], args["paragraph_runs"] = tuple(args["run_length"]), tuple(args["paragraph_runs"])
     try:

@@ -83,7 +83,7 @@ def completion_accuracy(model: Phi3ForCausalLM, tokenizer: ByteTokenizer, facts_
         fact = json.loads(line)
         ids = torch.tensor([tokenizer.encode(fact["prompt"], allow_special=False)])
         out = model.generate(ids, max_new_tokens=len(fact["answer"].encode()) + 2, eos_token_id=tokenizer.eos_token_id)
-        completion = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        completion = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         hit = completion.strip().startswith(fact["answer"])
         hits["split"].setdefault(fact["split"], []).append(hit)
         hits["by_attribute"].setdefault(fact["attribute"], []).append(hit)
@@ -110,8 +110,12 @@ def main(argv: list[str] | None = None) -> None:
         "threads": "CPU threads (fixed, so the weights do not depend on the machine)",
     }
     for key, value in TRAIN.items():
-        parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value,
-                            help=f"{train_help[key]} (default: %(default)s)")
+        parser.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=type(value),
+            default=value,
+            help=f"{train_help[key]} (default: %(default)s)",
+        )
     args = parser.parse_args(argv)
     cfg = {k: getattr(args, k) for k in TRAIN}
 
@@ -119,16 +123,24 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(cfg["threads"])
     tokenizer = ByteTokenizer()
     stream = load_corpus(args.corpus, tokenizer)
-    config = Phi3Config(vocab_size=tokenizer.vocab_size, bos_token_id=None, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id, **MODEL)
+    config = Phi3Config(
+        vocab_size=tokenizer.vocab_size,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **MODEL,
+    )
     model = Phi3ForCausalLM(config).train()
     n_params = model.num_parameters()
     print(f"corpus: {len(stream):,} tokens; model: {n_params:,} parameters; {cfg['steps']} steps")
 
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg["lr"], betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg["lr"],
+        betas=(0.9, 0.95),
+    )
     gen = torch.Generator().manual_seed(cfg["seed"])
     T, B = cfg["seq_len"], cfg["batch_size"]
     log, start, ema = [], time.time(), None
@@ -136,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, cfg)
         starts = torch.randint(0, len(stream) - T - 1, (B,), generator=gen)
-        window = torch.stack([stream[s:s + T + 1] for s in starts.tolist()])  # (B, T + 1)
+        window = torch.stack([stream[s : s + T + 1] for s in starts.tolist()])  # (B, T + 1)
         logits = model(window[:, :-1]).logits  # (B, T, vocab)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1))
         loss.backward()
@@ -146,17 +158,31 @@ def main(argv: list[str] | None = None) -> None:
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
         if step % 100 == 0 or step == cfg["steps"] - 1:
             elapsed = time.time() - start
-            print(f"step {step:5d}  loss {loss.item():.4f}  (ema {ema:.4f})  lr {lr_at(step, cfg):.2e}  {elapsed:6.0f}s")
-            log.append({"step": step, "loss": round(loss.item(), 4), "ema_loss": round(ema, 4), "seconds": round(elapsed)})
+            print(
+                f"step {step:5d}  loss {loss.item():.4f}  (ema {ema:.4f})  lr {lr_at(step, cfg):.2e}  {elapsed:6.0f}s"
+            )
+            log.append(
+                {"step": step, "loss": round(loss.item(), 4), "ema_loss": round(ema, 4), "seconds": round(elapsed)}
+            )
 
     accuracy = completion_accuracy(model, tokenizer, FACTS) if FACTS.is_file() and not args.no_eval else {}
     print(f"fact completion accuracy (greedy, prose prompts): {accuracy}")
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
     tokenizer.save(args.out / "tokenizer.json")
-    (args.out / "pretrain_log.json").write_text(json.dumps({"train": cfg, "model": MODEL, "n_params": n_params,
-                                                            "corpus_tokens": len(stream), "completion_accuracy": accuracy,
-                                                            "log": log}, indent=1))
+    (args.out / "pretrain_log.json").write_text(
+        json.dumps(
+            {
+                "train": cfg,
+                "model": MODEL,
+                "n_params": n_params,
+                "corpus_tokens": len(stream),
+                "completion_accuracy": accuracy,
+                "log": log,
+            },
+            indent=1,
+        )
+    )
     print(f"wrote {args.out} in {time.time() - start:.0f}s; final loss (ema) {ema:.4f}")
 
 

@@ -54,8 +54,9 @@ class MergeRecord:
         return sum(t.numel() * t.element_size() for t in (self.codes, self.escape_index, self.escape_bits))
 
     def to(self, device: torch.device) -> MergeRecord:
-        return MergeRecord(self.codes.to(device), self.escape_index.to(device), self.escape_bits.to(device),
-                           self.fingerprint)
+        return MergeRecord(
+            self.codes.to(device), self.escape_index.to(device), self.escape_bits.to(device), self.fingerprint
+        )
 
 
 def _acc_dtype(w: torch.Tensor, delta: torch.Tensor) -> torch.dtype:
@@ -112,7 +113,7 @@ def _scale_chunk(scale: torch.Tensor | None, shape: tuple[int, ...], a: int, b: 
     if not dims:
         return scale.reshape(()).to(acc)
     dim = dims[0]
-    inner = math.prod(shape[dim + 1:])
+    inner = math.prod(shape[dim + 1 :])
     index = (torch.arange(a, b, device=scale.device) // inner) % shape[dim]
     return scale.reshape(-1).to(acc)[index]
 
@@ -153,18 +154,23 @@ def merge_(w: torch.Tensor, delta: torch.Tensor, record: bool, scale: torch.Tens
                 if budget < 0:  # the update swamps too many weights: keep no record rather than a big one
                     record, codes, esc_index, esc_bits = False, [], [], []
                     share = 50 / per_escape  # percent of the weights whose escapes fit in half a byte per weight
-                    warnings.warn(f"merging a LoRA update that swamps more than {share:.0f}% of a {tuple(w.shape)} "
-                                  f"weight's values: no exact undo record is kept (it would "
-                                  f"exceed {RECORD_BUDGET:g} byte per weight); unmerging will subtract, exact to "
-                                  f"within one rounding", stacklevel=4)
+                    warnings.warn(
+                        f"merging a LoRA update that swamps more than {share:.0f}% of a {tuple(w.shape)} "
+                        f"weight's values: no exact undo record is kept (it would "
+                        f"exceed {RECORD_BUDGET:g} byte per weight); unmerging will subtract, exact to "
+                        f"within one rounding",
+                        stacklevel=4,
+                    )
             orig.copy_(merged)
     if not record:
         return None
     int_dtype = _INT_VIEW[w.element_size()]
-    return MergeRecord(torch.cat(codes) if codes else torch.empty(0, dtype=torch.uint8, device=w.device),
-                       torch.cat(esc_index) if esc_index else torch.empty(0, dtype=index_dtype, device=w.device),
-                       torch.cat(esc_bits) if esc_bits else torch.empty(0, dtype=int_dtype, device=w.device),
-                       fingerprint(w))
+    return MergeRecord(
+        torch.cat(codes) if codes else torch.empty(0, dtype=torch.uint8, device=w.device),
+        torch.cat(esc_index) if esc_index else torch.empty(0, dtype=index_dtype, device=w.device),
+        torch.cat(esc_bits) if esc_bits else torch.empty(0, dtype=int_dtype, device=w.device),
+        fingerprint(w),
+    )
 
 
 def _undo(merged: torch.Tensor, d: torch.Tensor, s: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -173,8 +179,9 @@ def _undo(merged: torch.Tensor, d: torch.Tensor, s: torch.Tensor | None, dtype: 
     return (approx if s is None else approx.div_(s)).to(dtype)
 
 
-def unmerged(w: torch.Tensor, delta: torch.Tensor, rec: MergeRecord | None, out: torch.Tensor,
-             scale: torch.Tensor | None = None) -> torch.Tensor:
+def unmerged(
+    w: torch.Tensor, delta: torch.Tensor, rec: MergeRecord | None, out: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
     """Write the weight from before :func:`merge_` into ``out`` (may be ``w`` itself): bit for bit when ``rec``
     still applies to ``w``, else ``round(w - delta)`` (``round((w - delta) / scale)`` with the ``scale`` of the
     merge). Returns ``out``."""
@@ -186,8 +193,8 @@ def unmerged(w: torch.Tensor, delta: torch.Tensor, rec: MergeRecord | None, out:
         for a, b in _chunks(wf.numel()):
             approx = _undo(wf[a:b], df[a:b].to(acc), _scale_chunk(scale, tuple(w.shape), a, b, acc), w.dtype)
             if rec is not None:
-                packed = rec.codes[a // 2:(b + 1) // 2]
-                code = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[:b - a].to(torch.int32)
+                packed = rec.codes[a // 2 : (b + 1) // 2]
+                code = torch.stack([packed & 15, packed >> 4], dim=1).reshape(-1)[: b - a].to(torch.int32)
                 diff = torch.where(code == _ESCAPE, 0, code - 7)
                 approx = (_wide_bits(approx) + diff.to(_wide_bits(approx).dtype)).to(_INT_VIEW[w.element_size()])
                 approx = approx.view(w.dtype)

@@ -146,8 +146,11 @@ def set_adapter(model: nn.Module, name: str | None) -> None:
     if merged:
         raise ValueError(f"cannot switch adapters while layers are merged ({merged[0]!r}, ...): unmerge_lora first")
     # None (the base alone) needs only a routing forward; a named adapter also needs a plain-LoRA default
-    unsupported = [n or type(m).__name__ for n, m in layers
-                   if name != DEFAULT and not supports_named(type(m) if name is None else m)]
+    unsupported = [
+        n or type(m).__name__
+        for n, m in layers
+        if name != DEFAULT and not supports_named(type(m) if name is None else m)
+    ]
     if unsupported:
         raise TypeError(
             f"switching adapters runs on lora.Linear / lora.MergedLinear only; {unsupported[0]!r} is a "

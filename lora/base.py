@@ -32,8 +32,17 @@ import torch.nn as nn
 
 from . import _merge
 
-__all__ = ["LoRALayer", "LoRABase", "lora_scaling", "check_lora_args", "check_init", "is_mutating_init",
-           "is_lora_layer", "has_adapter", "MUTATING_INITS"]
+__all__ = [
+    "LoRALayer",
+    "LoRABase",
+    "lora_scaling",
+    "check_lora_args",
+    "check_init",
+    "is_mutating_init",
+    "is_lora_layer",
+    "has_adapter",
+    "MUTATING_INITS",
+]
 
 # Initialisations that take A and B from the base weight and subtract their product from it (PiSSA: Meng et al.
 # 2024, principal singular vectors; OLoRA: Buyukakyuz 2024, QR). "pissa_niter_<k>" is PiSSA by a randomised SVD.
@@ -72,8 +81,12 @@ def check_lora_args(r: int, lora_alpha: float, lora_dropout: float) -> None:
     """``ValueError`` naming the first bad value: r a non-negative int, alpha positive and finite, dropout in [0, 1)."""
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"r must be a non-negative int, got r={r!r}")
-    if (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not math.isfinite(lora_alpha)
-            or not lora_alpha > 0):
+    if (
+        isinstance(lora_alpha, bool)
+        or not isinstance(lora_alpha, (int, float))
+        or not math.isfinite(lora_alpha)
+        or not lora_alpha > 0
+    ):
         raise ValueError(f"lora_alpha must be a positive finite number, got lora_alpha={lora_alpha!r}")
     if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
         raise ValueError(f"lora_dropout must be in [0, 1), got lora_dropout={lora_dropout!r}")
@@ -84,10 +97,13 @@ def check_init(init_lora_weights: str) -> str:
     ``"pissa_niter_<k>"`` (k >= 0) or ``"olora"``; returns it."""
     ok = isinstance(init_lora_weights, str) and (
         init_lora_weights in ("default", "gaussian", "pissa", "olora")
-        or (init_lora_weights.startswith("pissa_niter_") and init_lora_weights[12:].isdigit()))
+        or (init_lora_weights.startswith("pissa_niter_") and init_lora_weights[12:].isdigit())
+    )
     if not ok:
-        raise ValueError(f"init_lora_weights must be 'default', 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
-                         f"got init_lora_weights={init_lora_weights!r}")
+        raise ValueError(
+            f"init_lora_weights must be 'default', 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora', "
+            f"got init_lora_weights={init_lora_weights!r}"
+        )
     return init_lora_weights
 
 
@@ -127,7 +143,8 @@ def _refuse_quantized(layer: nn.Module) -> None:
         raise ValueError(
             f"refusing to merge into the 4-bit weight of {type(layer).__name__}: re-quantizing W + BA to NF4 would "
             "lose most of the update (it is far below NF4's step). Dequantize first (lora.dequantize(model, "
-            "dtype=torch.bfloat16)) and merge into that; lora.merge_and_unload does so layer by layer")
+            "dtype=torch.bfloat16)) and merge into that; lora.merge_and_unload does so layer by layer"
+        )
 
 
 def _json(v: Any) -> Any:
@@ -154,17 +171,28 @@ class LoRABase(LoRALayer):
 
     # -- construction ------------------------------------------------------------------------------------------
 
-    def _init_lora(self, r: int, lora_alpha: float, lora_dropout: float, merge_weights: bool, use_rslora: bool,
-                   lora_dtype: torch.dtype | None, fan_in_fan_out: bool = False, use_dora: bool = False,
-                   init_lora_weights: str = "default") -> None:
+    def _init_lora(
+        self,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float,
+        merge_weights: bool,
+        use_rslora: bool,
+        lora_dtype: torch.dtype | None,
+        fan_in_fan_out: bool = False,
+        use_dora: bool = False,
+        init_lora_weights: str = "default",
+    ) -> None:
         """Set the shared state and create ``lora_A``/``lora_B`` (and DoRA's ``lora_magnitude``) after the torch
         layer's own ``__init__``."""
         if not isinstance(use_dora, bool):
             raise ValueError(f"use_dora must be a bool, got use_dora={use_dora!r}")
         self.init_lora_weights = check_init(init_lora_weights)
         if is_mutating_init(init_lora_weights) and not self.supports_mutating_init:
-            raise ValueError(f"init_lora_weights={init_lora_weights!r} is not available for {type(self).__name__} "
-                             f"(PEFT defines PiSSA and OLoRA for linear layers only)")
+            raise ValueError(
+                f"init_lora_weights={init_lora_weights!r} is not available for {type(self).__name__} "
+                f"(PEFT defines PiSSA and OLoRA for linear layers only)"
+            )
         self.r = r
         self.use_dora = use_dora
         # PiSSA / OLoRA: the initial A and B, whose product was subtracted from the base weight (what converting the
@@ -185,8 +213,13 @@ class LoRABase(LoRALayer):
         if fan_in_fan_out:
             self.weight = nn.Parameter(self.weight.data.T.contiguous())
         self.set_scaling(lora_alpha, use_rslora)
-        shapes = self.adapter_shapes(tuple(self.weight.shape), r, fan_in_fan_out=fan_in_fan_out, use_dora=use_dora,
-                                     **{f: getattr(self, f) for f in self.lora_fields})
+        shapes = self.adapter_shapes(
+            tuple(self.weight.shape),
+            r,
+            fan_in_fan_out=fan_in_fan_out,
+            use_dora=use_dora,
+            **{f: getattr(self, f) for f in self.lora_fields},
+        )
         if r > 0 and shapes and is_mutating_init(init_lora_weights):
             self._check_mutating_init()  # before any weight is touched
         if r > 0 and shapes:
@@ -205,9 +238,11 @@ class LoRABase(LoRALayer):
         check_lora_args(self.r, lora_alpha, 0.0)
         init_A = self._buffers.get("lora_A_init")
         if init_A is not None and lora_scaling(self.r, lora_alpha, use_rslora) != self.scaling:
-            raise ValueError(f"{type(self).__name__} subtracted its {self.init_lora_weights} initial adapter from the "
-                             f"base at scaling {self.scaling}: changing it (lora_alpha={lora_alpha}) would break "
-                             f"that; call restore_original_base() first")
+            raise ValueError(
+                f"{type(self).__name__} subtracted its {self.init_lora_weights} initial adapter from the "
+                f"base at scaling {self.scaling}: changing it (lora_alpha={lora_alpha}) would break "
+                f"that; call restore_original_base() first"
+            )
         self.lora_alpha, self.use_rslora = lora_alpha, bool(use_rslora)
         self.scaling = lora_scaling(self.r, lora_alpha, use_rslora)
 
@@ -218,13 +253,15 @@ class LoRABase(LoRALayer):
 
     @classmethod
     @abc.abstractmethod
-    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
-                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+    def lora_shapes(
+        cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, **lora_fields: Any
+    ) -> dict[str, tuple[int, ...]]:
         """``{"lora_A": shape, "lora_B": shape}`` for a base weight of ``base_shape`` (empty: nothing to adapt)."""
 
     @classmethod
-    def magnitude_shape(cls, base_shape: Sequence[int], fan_in_fan_out: bool = False,
-                        **lora_fields: Any) -> tuple[int, ...]:
+    def magnitude_shape(
+        cls, base_shape: Sequence[int], fan_in_fan_out: bool = False, **lora_fields: Any
+    ) -> tuple[int, ...]:
         """Shape of DoRA's magnitude vector: one entry per output row (``weight.shape[dim_of_magnitude]``)."""
         return (base_shape[cls.magnitude_dim(fan_in_fan_out)],)
 
@@ -235,8 +272,9 @@ class LoRABase(LoRALayer):
         return 1 if fan_in_fan_out else 0
 
     @classmethod
-    def adapter_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, use_dora: bool = False,
-                       **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+    def adapter_shapes(
+        cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, use_dora: bool = False, **lora_fields: Any
+    ) -> dict[str, tuple[int, ...]]:
         """:meth:`lora_shapes`, plus ``lora_magnitude`` for DoRA: every LoRA parameter's shape."""
         shapes = cls.lora_shapes(base_shape, r, fan_in_fan_out=fan_in_fan_out, **lora_fields)
         if use_dora and shapes:
@@ -247,14 +285,17 @@ class LoRABase(LoRALayer):
     def from_module(cls, base: nn.Module, **lora_kwargs: Any) -> LoRABase:
         """Wrap ``base``, adopting its ``weight``/``bias`` Parameter objects (no copy, no re-initialisation)."""
         if lora_kwargs.get("fan_in_fan_out"):
-            raise ValueError(f"from_module wraps an {cls.adapts.__name__}, whose weight is (out, in): "
-                             f"fan_in_fan_out must be False")
+            raise ValueError(
+                f"from_module wraps an {cls.adapts.__name__}, whose weight is (out, in): fan_in_fan_out must be False"
+            )
         init = lora_kwargs.get("init_lora_weights", "default")
         if isinstance(base.weight, nn.Module) and (
             lora_kwargs.get("use_dora") or (isinstance(init, str) and is_mutating_init(init))
         ):
-            raise ValueError(f"{type(base).__name__} has a 4-bit (NF4) weight: DoRA and PiSSA / OLoRA over a 4-bit base "
-                             f"are not supported (plain LoRA over it is QLoRA)")
+            raise ValueError(
+                f"{type(base).__name__} has a 4-bit (NF4) weight: DoRA and PiSSA / OLoRA over a 4-bit base "
+                f"are not supported (plain LoRA over it is QLoRA)"
+            )
         layer = cls(**cls.base_kwargs(base), device="meta", dtype=base.weight.dtype, **lora_kwargs)
         if isinstance(base.weight, nn.Module):  # a 4-bit weight (lora.qlora.Weight4bit) is a module, not a Parameter
             del layer.weight
@@ -272,8 +313,10 @@ class LoRABase(LoRALayer):
     def to_plain(self) -> nn.Module:
         """The plain torch layer (``self.adapts``) sharing this layer's weight and bias objects, as they are now."""
         if self.fan_in_fan_out:
-            raise ValueError(f"a fan_in_fan_out {type(self).__name__} stores its weight as (in, out) and cannot "
-                             f"become an {self.adapts.__name__}; use merge_lora instead")
+            raise ValueError(
+                f"a fan_in_fan_out {type(self).__name__} stores its weight as (in, out) and cannot "
+                f"become an {self.adapts.__name__}; use merge_lora instead"
+            )
         if _quantized(self):  # the 4-bit plain layer, sharing the 4-bit weight
             from .qlora import Linear4bit
 
@@ -371,9 +414,14 @@ class LoRABase(LoRALayer):
             return self._weight_norm(self.weight, self.lora_delta())
         A, B = self.lora_A.detach(), self.lora_B.detach()
         key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device, self.scaling)
-        fresh = (key == self._dora_key and self._dora_norm_cache is not None and self._dora_cached_A is not None
-                 and self._dora_cached_A.dtype == A.dtype and torch.equal(self._dora_cached_A, A)
-                 and torch.equal(self._dora_cached_B, B))
+        fresh = (
+            key == self._dora_key
+            and self._dora_norm_cache is not None
+            and self._dora_cached_A is not None
+            and self._dora_cached_A.dtype == A.dtype
+            and torch.equal(self._dora_cached_A, A)
+            and torch.equal(self._dora_cached_B, B)
+        )
         if not fresh:
             self._dora_norm_cache = self._weight_norm(self.weight, self.lora_delta())
             self._dora_cached_A, self._dora_cached_B = A.clone(), B.clone()
@@ -430,9 +478,11 @@ class LoRABase(LoRALayer):
         weight bit for bit; without it, or past that budget, unmerging subtracts.
         """
         if getattr(self, "active_adapter", "default") != "default":  # set by lora.set_adapter
-            raise ValueError(f"{type(self).__name__}: adapter {self.active_adapter!r} is active, but merging folds in "
-                             f"the default adapter; set_adapter(model, 'default') first (merge_and_unload merges "
-                             f"the active one)")
+            raise ValueError(
+                f"{type(self).__name__}: adapter {self.active_adapter!r} is active, but merging folds in "
+                f"the default adapter; set_adapter(model, 'default') first (merge_and_unload merges "
+                f"the active one)"
+            )
         if self.merged or not has_adapter(self):
             return
         _refuse_quantized(self)
@@ -440,8 +490,10 @@ class LoRABase(LoRALayer):
             raise ValueError(f"{type(self).__name__}: merging needs a contiguous weight")
         with torch.no_grad():
             if safe and not _merge.merged_is_finite(self.weight, self.delta_weight()):
-                raise ValueError(f"refusing to merge {type(self).__name__}: its merged weight is not finite "
-                                 f"(the delta, or weight + delta in {self.weight.dtype}, is inf or nan)")
+                raise ValueError(
+                    f"refusing to merge {type(self).__name__}: its merged weight is not finite "
+                    f"(the delta, or weight + delta in {self.weight.dtype}, is inf or nan)"
+                )
             scale, delta = self._merge_terms()
             self._merge_record = _merge.merge_(self.weight, delta, record=exact_unmerge, scale=scale)
             self._dora_merge_scale = scale
@@ -479,12 +531,14 @@ class LoRABase(LoRALayer):
             with torch.no_grad():
                 destination[prefix + "weight"] = self._unmerged_weight(out=torch.empty_like(self.weight.detach()))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         was_merged = self.merged
         self.unmerge()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         if was_merged:
             self.merge()
 
@@ -510,8 +564,13 @@ class LoRABase(LoRALayer):
     @classmethod
     def rebuild_kwargs(cls, info: dict[str, Any]) -> dict[str, Any]:
         """Keyword arguments for :meth:`from_module` that rebuild the adapter ``info`` describes."""
-        kwargs = {"r": info["r"], "lora_alpha": info["lora_alpha"], "use_rslora": info.get("use_rslora", False),
-                  "use_dora": info.get("use_dora", False), "lora_dropout": info.get("lora_dropout", 0.0)}
+        kwargs = {
+            "r": info["r"],
+            "lora_alpha": info["lora_alpha"],
+            "use_rslora": info.get("use_rslora", False),
+            "use_dora": info.get("use_dora", False),
+            "lora_dropout": info.get("lora_dropout", 0.0),
+        }
         if "lora_dtype" in info:
             kwargs["lora_dtype"] = getattr(torch, info["lora_dtype"])
         kwargs.update({f: info[f] for f in cls.lora_fields})

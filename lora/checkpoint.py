@@ -47,7 +47,9 @@ def adapted_modules(model: nn.Module) -> dict[str, LoRABase]:
     for name, m in model.named_modules():
         if has_adapter(m):
             if not isinstance(m, LoRABase) or KINDS.get(type(m).__name__) is not type(m):
-                raise TypeError(f"module {name!r} is a {type(m).__name__}: only this library's LoRA layers can be saved")
+                raise TypeError(
+                    f"module {name!r} is a {type(m).__name__}: only this library's LoRA layers can be saved"
+                )
             if m.merged:
                 raise ValueError(f"module {name!r} is merged: unmerge_lora(model) before saving the adapter")
             found[name] = m
@@ -61,12 +63,22 @@ def leaf(name: str) -> str:
 def _convert_entry(info: dict[str, Any], m: LoRABase) -> dict[str, Any]:
     """The metadata entry of ``m``'s PiSSA / OLoRA adapter converted to a plain rank-``2r`` LoRA (same scaling)."""
     alpha = m.lora_alpha * math.sqrt(2) if m.use_rslora else m.lora_alpha * 2
-    return {**info, "r": 2 * m.r, "lora_alpha": float(alpha), "init_lora_weights": "default",
-            "converted_from": m.init_lora_weights}
+    return {
+        **info,
+        "r": 2 * m.r,
+        "lora_alpha": float(alpha),
+        "init_lora_weights": "default",
+        "converted_from": m.init_lora_weights,
+    }
 
 
-def save_lora(model: nn.Module, path: str | os.PathLike, bias: str = "none", convert_to_lora: bool = False,
-              adapter_name: str | None = None) -> None:
+def save_lora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    bias: str = "none",
+    convert_to_lora: bool = False,
+    adapter_name: str | None = None,
+) -> None:
     """Write ``model``'s adapter to one safetensors file at ``path``.
 
     Layers initialised with PiSSA / OLoRA (``init_lora_weights``) were trained over a *residual* base, ``W - s B0
@@ -138,9 +150,17 @@ def read_safetensors(path: Path, what: str = "adapter file") -> tuple[dict[str, 
 
 # Types of the fields every entry has; each kind adds its own (lora_fields, base_fields).
 _COMMON_FIELDS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "r": (int,), "lora_alpha": (int, float), "use_rslora": (bool,), "use_dora": (bool,),
-    "init_lora_weights": (str,), "converted_from": (str,), "lora_dropout": (int, float),
-    "lora_dtype": (str,), "base_shape": (list,), "fan_in_fan_out": (bool,),
+    "kind": (str,),
+    "r": (int,),
+    "lora_alpha": (int, float),
+    "use_rslora": (bool,),
+    "use_dora": (bool,),
+    "init_lora_weights": (str,),
+    "converted_from": (str,),
+    "lora_dropout": (int, float),
+    "lora_dtype": (str,),
+    "base_shape": (list,),
+    "fan_in_fan_out": (bool,),
 }
 
 
@@ -163,11 +183,13 @@ def _check_info(where: str, name: str, info: Any) -> None:
     for field, value in info.items():
         ok = types.get(field)
         if ok and (not isinstance(value, ok) or (isinstance(value, bool) and bool not in ok)):
-            raise ValueError(f"{at}.{field}={value!r} has type {type(value).__name__}, "
-                             f"expected {'/'.join(t.__name__ for t in ok)}")
+            raise ValueError(
+                f"{at}.{field}={value!r} has type {type(value).__name__}, expected {'/'.join(t.__name__ for t in ok)}"
+            )
     if not all(_is_int(v) and v > 0 for v in info["base_shape"]) or len(info["base_shape"]) != kind.base_ndim:
-        raise ValueError(f"{at}.base_shape={info['base_shape']!r} must be {kind.base_ndim} positive ints for a "
-                         f"{info['kind']}")
+        raise ValueError(
+            f"{at}.base_shape={info['base_shape']!r} must be {kind.base_ndim} positive ints for a {info['kind']}"
+        )
     if info["r"] <= 0:
         raise ValueError(f"{at}.r={info['r']!r} must be positive")
     if not (math.isfinite(info["lora_alpha"]) and info["lora_alpha"] > 0):
@@ -192,16 +214,21 @@ def _check_info(where: str, name: str, info: Any) -> None:
 def _parse_metadata(path: Path, metadata: dict[str, str]) -> tuple[dict[str, dict[str, Any]], dict[str, int], str]:
     where = f"adapter {str(path)!r}"
     if metadata.get("format") != FORMAT:
-        raise ValueError(f"{where} is not a lora adapter file (metadata format={metadata.get('format')!r}, "
-                         f"expected {FORMAT!r}); for a PEFT adapter directory use lora.import_peft")
+        raise ValueError(
+            f"{where} is not a lora adapter file (metadata format={metadata.get('format')!r}, "
+            f"expected {FORMAT!r}); for a PEFT adapter directory use lora.import_peft"
+        )
     if metadata.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{where} has format_version={metadata.get('format_version')!r}; this library reads "
-                         f"{FORMAT_VERSION!r}")
+        raise ValueError(
+            f"{where} has format_version={metadata.get('format_version')!r}; this library reads {FORMAT_VERSION!r}"
+        )
     try:
         modules = json.loads(metadata["modules"])
         counts = json.loads(metadata.get("target_counts", "{}"))
     except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: metadata 'modules'/'target_counts' is not valid JSON ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{where}: metadata 'modules'/'target_counts' is not valid JSON ({type(e).__name__}: {e})"
+        ) from e
     if not isinstance(modules, dict) or not isinstance(counts, dict):
         raise ValueError(f"{where}: metadata 'modules' and 'target_counts' must be JSON objects")
     if not modules:
@@ -241,8 +268,10 @@ def _check_module(name: str, info: dict[str, Any], module: nn.Module, problems: 
     weight = getattr(module, "weight", None)
     found_shape = list(weight.shape) if isinstance(weight, (torch.Tensor, Weight4bit)) else None
     if found_shape != info["base_shape"]:
-        problems.append(f"{name}: base weight shape expected {tuple(info['base_shape'])}, found "
-                        f"{tuple(found_shape) if found_shape else type(module).__name__ + ' without a weight'}")
+        problems.append(
+            f"{name}: base weight shape expected {tuple(info['base_shape'])}, found "
+            f"{tuple(found_shape) if found_shape else type(module).__name__ + ' without a weight'}"
+        )
         return
     kind = KINDS[info["kind"]]
     if is_lora_layer(module):
@@ -255,8 +284,10 @@ def _check_module(name: str, info: dict[str, Any], module: nn.Module, problems: 
         problems.extend(f"{name}: {p}" for p in module.mismatches(info))
         return
     if not name:
-        problems.append(f"(root): the model itself is a plain {type(module).__name__}; LoRA can only be loaded "
-                        f"into it if it already is a LoRA layer (a module cannot replace itself)")
+        problems.append(
+            f"(root): the model itself is a plain {type(module).__name__}; LoRA can only be loaded "
+            f"into it if it already is a LoRA layer (a module cannot replace itself)"
+        )
         return
     if getattr(module, "plain_type", type(module)) is not kind.adapts:
         problems.append(f"{name}: expected an {kind.adapts.__name__} to adapt, found a {type(module).__name__}")
@@ -270,8 +301,13 @@ def _check_module(name: str, info: dict[str, Any], module: nn.Module, problems: 
             problems.append(f"{name}: {f} expected {info[f]!r}, found {found!r}")
 
 
-def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, allow_nonfinite: bool = False,
-              adapter_name: str | None = None) -> list[str]:
+def load_lora(
+    model: nn.Module,
+    path: str | os.PathLike,
+    strict: bool = True,
+    allow_nonfinite: bool = False,
+    adapter_name: str | None = None,
+) -> list[str]:
     """Load an adapter file onto ``model``; return the names of the adapted modules.
 
     ``adapter_name`` (other than ``"default"``) loads the file as a named adapter next to the layers' own
@@ -299,19 +335,25 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, al
     present = dict(model.named_modules())
     for name, info in modules.items():
         if name not in present:
-            problems.append(f"{name}: missing from {type(model).__name__} (expected a {info['kind']} over a base "
-                            f"weight of shape {tuple(info['base_shape'])}, found no such module)")
+            problems.append(
+                f"{name}: missing from {type(model).__name__} (expected a {info['kind']} over a base "
+                f"weight of shape {tuple(info['base_shape'])}, found no such module)"
+            )
         elif named:
             _check_module_named(name, info, present[name], problems)
         else:
             _check_module(name, info, present[name], problems)
     if named and (bias != "none" or any(k == "bias" or k.endswith(".bias") for k in tensors)):
-        problems.append(f"the file holds biases (saved with bias={bias!r}); every adapter shares the base's biases, "
-                        f"so only a default adapter (adapter_name=None) may carry them")
+        problems.append(
+            f"the file holds biases (saved with bias={bias!r}); every adapter shares the base's biases, "
+            f"so only a default adapter (adapter_name=None) may carry them"
+        )
     for leaf_name, n in counts.items():
         have = sum(1 for m in present if leaf(m) == leaf_name)
         if have != n:
-            problems.append(f"*.{leaf_name}: the adapter's base had {n} such modules, {type(model).__name__} has {have}")
+            problems.append(
+                f"*.{leaf_name}: the adapter's base had {n} such modules, {type(model).__name__} has {have}"
+            )
     if strict:
         for name, m in present.items():
             if (adapter_name in slots(m) if named else has_adapter(m)) and name not in modules:
@@ -320,19 +362,39 @@ def load_lora(model: nn.Module, path: str | os.PathLike, strict: bool = True, al
     if not problems:
         _check_tensors(tensors, modules, present, problems, allow_nonfinite)
     if problems:
-        raise ValueError(f"adapter {str(path)!r} does not fit {type(model).__name__} ({len(problems)} problem"
-                         f"{'s' if len(problems) > 1 else ''}); nothing was changed:\n  " + "\n  ".join(problems))
+        raise ValueError(
+            f"adapter {str(path)!r} does not fit {type(model).__name__} ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}); nothing was changed:\n  " + "\n  ".join(problems)
+        )
 
     if named:  # plain modules become LoRA layers without a default adapter (r=0), then get the named one
-        swap_in(model, {n: (KINDS[info["kind"]], {**KINDS[info["kind"]].rebuild_kwargs(info), "r": 0})
-                        for n, info in modules.items() if not is_lora_layer(present[n])})
+        swap_in(
+            model,
+            {
+                n: (KINDS[info["kind"]], {**KINDS[info["kind"]].rebuild_kwargs(info), "r": 0})
+                for n, info in modules.items()
+                if not is_lora_layer(present[n])
+            },
+        )
         for n, info in modules.items():
             layer = model.get_submodule(n)
-            put_slot(layer, adapter_name, info["r"], info["lora_alpha"], info.get("use_rslora", False),
-                     {p: tensors[f"{n}.{p}" if n else p] for p in ("lora_A", "lora_B")})
+            put_slot(
+                layer,
+                adapter_name,
+                info["r"],
+                info["lora_alpha"],
+                info.get("use_rslora", False),
+                {p: tensors[f"{n}.{p}" if n else p] for p in ("lora_A", "lora_B")},
+            )
         return list(modules)
-    swap_in(model, {n: (KINDS[info["kind"]], KINDS[info["kind"]].rebuild_kwargs(info))
-                    for n, info in modules.items() if not is_lora_layer(present[n])})
+    swap_in(
+        model,
+        {
+            n: (KINDS[info["kind"]], KINDS[info["kind"]].rebuild_kwargs(info))
+            for n, info in modules.items()
+            if not is_lora_layer(present[n])
+        },
+    )
     _assign(model, modules, tensors)
     return list(modules)
 
@@ -344,8 +406,10 @@ def _check_module_named(name: str, info: dict[str, Any], module: nn.Module, prob
         problems.append(f"{name}: named adapters run on Linear / MergedLinear layers, this one is a {info['kind']}")
         return
     if info.get("use_dora") or is_mutating_init(info.get("init_lora_weights", "default")):
-        problems.append(f"{name}: named adapters are plain LoRA; this file holds DoRA or a PiSSA / OLoRA adapter "
-                        f"(save it with convert_to_lora=True, or load it as the default adapter)")
+        problems.append(
+            f"{name}: named adapters are plain LoRA; this file holds DoRA or a PiSSA / OLoRA adapter "
+            f"(save it with convert_to_lora=True, or load it as the default adapter)"
+        )
         return
     if is_lora_layer(module) and not supports_named(module):
         problems.append(f"{name}: its default adapter is DoRA or PiSSA / OLoRA; named adapters need plain LoRA layers")
@@ -359,21 +423,33 @@ def _check_module_named(name: str, info: dict[str, Any], module: nn.Module, prob
     if module.merged:
         problems.append(f"{name}: is merged; unmerge_lora(model) before loading an adapter into it")
     if list(module.weight.shape) != info["base_shape"]:
-        problems.append(f"{name}: base weight shape expected {tuple(info['base_shape'])}, found "
-                        f"{tuple(module.weight.shape)}")
+        problems.append(
+            f"{name}: base weight shape expected {tuple(info['base_shape'])}, found {tuple(module.weight.shape)}"
+        )
     if bool(module.fan_in_fan_out) != bool(info.get("fan_in_fan_out", False)):
-        problems.append(f"{name}: fan_in_fan_out expected {info.get('fan_in_fan_out', False)}, found "
-                        f"{module.fan_in_fan_out}")
+        problems.append(
+            f"{name}: fan_in_fan_out expected {info.get('fan_in_fan_out', False)}, found {module.fan_in_fan_out}"
+        )
     problems.extend(f"{name}: {p}" for p in module.mismatches({**info, "r": module.r}))  # slices, not the rank
 
 
-def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str, Any]],
-                   present: dict[str, nn.Module], problems: list[str], allow_nonfinite: bool) -> None:
+def _check_tensors(
+    tensors: dict[str, torch.Tensor],
+    modules: dict[str, dict[str, Any]],
+    present: dict[str, nn.Module],
+    problems: list[str],
+    allow_nonfinite: bool,
+) -> None:
     expected: dict[str, tuple[tuple[int, ...], str | None]] = {}  # key -> (shape, dtype name from the metadata)
     for name, info in modules.items():
         kind = KINDS[info["kind"]]
-        shapes = kind.adapter_shapes(info["base_shape"], info["r"], fan_in_fan_out=info.get("fan_in_fan_out", False),
-                                     use_dora=info.get("use_dora", False), **{f: info[f] for f in kind.lora_fields})
+        shapes = kind.adapter_shapes(
+            info["base_shape"],
+            info["r"],
+            fan_in_fan_out=info.get("fan_in_fan_out", False),
+            use_dora=info.get("use_dora", False),
+            **{f: info[f] for f in kind.lora_fields},
+        )
         if is_mutating_init(info.get("init_lora_weights", "default")):  # the initial adapter, to subtract again
             shapes.update({"lora_A_init": shapes["lora_A"], "lora_B_init": shapes["lora_B"]})
         for p, shape in shapes.items():
@@ -387,11 +463,14 @@ def _check_tensors(tensors: dict[str, torch.Tensor], modules: dict[str, dict[str
         elif not t.is_floating_point():
             problems.append(f"{key}: dtype {t.dtype} is not floating point")
         elif dtype is not None and str(t.dtype).removeprefix("torch.") != dtype:
-            problems.append(f"{key}: dtype {str(t.dtype).removeprefix('torch.')} differs from the metadata's "
-                            f"lora_dtype={dtype!r}")
+            problems.append(
+                f"{key}: dtype {str(t.dtype).removeprefix('torch.')} differs from the metadata's lora_dtype={dtype!r}"
+            )
         elif not allow_nonfinite and not torch.isfinite(t).all():
-            problems.append(f"{key}: holds {int((~torch.isfinite(t)).sum())} inf/nan values "
-                            f"(load_lora(..., allow_nonfinite=True) to load it anyway)")
+            problems.append(
+                f"{key}: holds {int((~torch.isfinite(t)).sum())} inf/nan values "
+                f"(load_lora(..., allow_nonfinite=True) to load it anyway)"
+            )
     for key in tensors.keys() - expected.keys():
         mod, _, p = key.rpartition(".")
         # A bias *Parameter* only: a buffer called "bias" (a causal mask) is not something an adapter may overwrite.
@@ -416,10 +495,14 @@ def _assign(model: nn.Module, modules: dict[str, dict[str, Any]], tensors: dict[
     for name, info in modules.items():
         layer, key = model.get_submodule(name), f"{name}." if name else ""
         init = info.get("init_lora_weights", "default")
-        if (is_mutating_init(init) and getattr(layer, "lora_A_init", None) is not None
-                and layer.init_lora_weights == init and torch.equal(layer.lora_A_init, tensors[key + "lora_A_init"])
-                and torch.equal(layer.lora_B_init, tensors[key + "lora_B_init"])
-                and layer.scaling == lora_scaling(layer.r, info["lora_alpha"], info.get("use_rslora", False))):
+        if (
+            is_mutating_init(init)
+            and getattr(layer, "lora_A_init", None) is not None
+            and layer.init_lora_weights == init
+            and torch.equal(layer.lora_A_init, tensors[key + "lora_A_init"])
+            and torch.equal(layer.lora_B_init, tensors[key + "lora_B_init"])
+            and layer.scaling == lora_scaling(layer.r, info["lora_alpha"], info.get("use_rslora", False))
+        ):
             kept.add(name)
         else:
             layer.restore_original_base()

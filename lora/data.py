@@ -132,9 +132,7 @@ def to_messages(record: object) -> list[Message]:
 
     instruction, output, extra = record["instruction"], record["output"], record.get("input")
     if not isinstance(instruction, str) or not isinstance(output, str) or not isinstance(extra, (str, type(None))):
-        raise ValueError(
-            "alpaca record needs string 'instruction' and 'output', and 'input' a string or absent"
-        )
+        raise ValueError("alpaca record needs string 'instruction' and 'output', and 'input' a string or absent")
     user = instruction + "\n\n" + extra if extra else instruction
     return [Message(role="user", content=user), Message(role="assistant", content=output)]
 
@@ -305,8 +303,13 @@ def collate_packed(batch: Sequence[Mapping[str, Sequence[int]]], pad_token_id: i
             position_ids[r, start:end] = torch.arange(lengths[i])
             segment_ids[r, start:end] = i
             start = end
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask,
-            "position_ids": position_ids, "segment_ids": segment_ids}
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+    }
 
 
 # ---------------------------------------------------------------- the loss
@@ -394,8 +397,9 @@ def lm_head_loss(
     if torch.is_grad_enabled() and (selected.requires_grad or weight.requires_grad):
         total = _ChunkedLMHeadLoss.apply(selected, weight, targets, chunk_size, dtype)
     else:
-        total = _chunked_loss(selected, weight, targets, chunk_size, dtype, want_hidden_grad=False,
-                              want_weight_grad=False)[0]
+        total = _chunked_loss(
+            selected, weight, targets, chunk_size, dtype, want_hidden_grad=False, want_weight_grad=False
+        )[0]
     return total if reduction == "sum" else total / targets.numel()
 
 

@@ -100,8 +100,20 @@ class _FusedLoRALinear(torch.autograd.Function):
     """x2: (N, in); weight_t: (in, out) (a view of W^T); A: (R, in); B: (rows, r); see :func:`fused_lora_linear`."""
 
     @staticmethod
-    def forward(ctx, x2, weight_t, bias, A, B, scaling: float, p: float, blocks: tuple[Block, ...], r: int,
-                dense_mask: bool, gemm_dtype: torch.dtype | None = None):
+    def forward(
+        ctx,
+        x2,
+        weight_t,
+        bias,
+        A,
+        B,
+        scaling: float,
+        p: float,
+        blocks: tuple[Block, ...],
+        r: int,
+        dense_mask: bool,
+        gemm_dtype: torch.dtype | None = None,
+    ):
         # gemm_dtype (fp32 over 16-bit operands, see _gemm_dtype): every product runs on the operands upcast (exact),
         # and what the 16-bit path keeps in 16 bits (h, the output) is rounded to it: the same values, up to the
         # order of fp32 accumulation.
@@ -133,7 +145,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         h_c, B_c = h.to(c), B.to(c)
         for start, size, b_row, a_row in blocks:
             # (N, r) @ (r, size) accumulated into this slice's columns of the frozen layer's output
-            out[:, start:start + size].addmm_(h_c[:, a_row:a_row + r], B_c[b_row:b_row + size].T, alpha=scaling)
+            out[:, start : start + size].addmm_(h_c[:, a_row : a_row + r], B_c[b_row : b_row + size].T, alpha=scaling)
         ctx.save_for_backward(x2, weight_t, A, B, h, pos, mask)
         ctx.scaling, ctx.p, ctx.blocks, ctx.r, ctx.has_bias = scaling, p, blocks, r, bias is not None
         ctx.gemm_dtype = gemm_dtype
@@ -151,10 +163,10 @@ class _FusedLoRALinear(torch.autograd.Function):
         gh = torch.empty(g.shape[0], A.shape[0], dtype=c, device=g.device)  # (N, R)
         grad_B = torch.empty_like(B, dtype=c) if need_bb else None
         for start, size, b_row, a_row in ctx.blocks:
-            g_slice = g[:, start:start + size]  # (N, size)
-            torch.mm(g_slice, B_c[b_row:b_row + size], out=gh[:, a_row:a_row + r])  # (N, size) @ (size, r)
+            g_slice = g[:, start : start + size]  # (N, size)
+            torch.mm(g_slice, B_c[b_row : b_row + size], out=gh[:, a_row : a_row + r])  # (N, size) @ (size, r)
             if need_bb:
-                torch.mm(g_slice.T, h_c[:, a_row:a_row + r], out=grad_B[b_row:b_row + size])  # (size, N) @ (N, r)
+                torch.mm(g_slice.T, h_c[:, a_row : a_row + r], out=grad_B[b_row : b_row + size])  # (size, N) @ (N, r)
         if need_bb:
             grad_B = _round(grad_B, dtype)
         gh.mul_(s)
@@ -195,7 +207,9 @@ def _cpu_has_16bit_gemm(dtype: torch.dtype) -> bool:
     for fp16); without, torch emulates them, many times slower than fp32 (24x measured on an AVX2 EPYC)."""
     mkldnn = torch.ops.mkldnn
     try:
-        return bool(mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported())
+        return bool(
+            mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else mkldnn._is_mkldnn_fp16_supported()
+        )
     except (AttributeError, RuntimeError):  # a build without oneDNN: no fast 16-bit path either
         return False
 
@@ -242,9 +256,19 @@ def fused_lora_linear(
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # each .to() is a no-op when the dtype already matches
         bias = bias.to(dtype) if bias is not None else None
-        out = _FusedLoRALinear.apply(x2, weight_t.to(dtype), bias, lora_A.to(dtype), lora_B.to(dtype),
-                                     float(scaling), float(dropout_p), tuple(blocks), r, bool(dense_mask),
-                                     _gemm_dtype(dtype, x.device))
+        out = _FusedLoRALinear.apply(
+            x2,
+            weight_t.to(dtype),
+            bias,
+            lora_A.to(dtype),
+            lora_B.to(dtype),
+            float(scaling),
+            float(dropout_p),
+            tuple(blocks),
+            r,
+            bool(dense_mask),
+            _gemm_dtype(dtype, x.device),
+        )
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
@@ -278,8 +302,15 @@ class _FusedLoRAConv(torch.autograd.Function):
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g = g.contiguous()
         spatial = list(range(2, g.dim()))
-        args = dict(bias_sizes=None, stride=list(stride), padding=list(padding), dilation=list(dilation),
-                    transposed=False, output_padding=[0] * len(spatial), groups=1)
+        args = dict(
+            bias_sizes=None,
+            stride=list(stride),
+            padding=list(padding),
+            dilation=list(dilation),
+            transposed=False,
+            output_padding=[0] * len(spatial),
+            groups=1,
+        )
         g3 = g.flatten(2)  # (N, out, P) with P the output positions
         grad_x = grad_w = grad_A = grad_B = None
         if need_x:  # through W + s B A: the LoRA term's input gradient comes for free
@@ -308,4 +339,6 @@ def fused_lora_conv(x, weight, bias, A_w, B_w, scaling: float, stride, padding, 
     """``conv(x, weight, bias) + scaling * conv1x1(conv(x, A_w), B_w)`` for an ungrouped conv with int padding
     (apply non-zero padding modes to ``x`` first and pass ``padding=0``). No dropout: use the plain path for it.
     ``A_w``: (r, in, *k); ``B_w``: (out, r)."""
-    return _FusedLoRAConv.apply(x, weight, bias, A_w, B_w, float(scaling), tuple(stride), tuple(padding), tuple(dilation))
+    return _FusedLoRAConv.apply(
+        x, weight, bias, A_w, B_w, float(scaling), tuple(stride), tuple(padding), tuple(dilation)
+    )

@@ -20,9 +20,9 @@ __all__ = ["inject", "matches", "OVERRIDABLE"]
 
 # Keyword arguments a target may override: the shared ones, and the kinds' own fields, which also choose the kind
 # (split_sizes -> MergedLinear).
-OVERRIDABLE = frozenset({"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights",
-                          "lora_dtype"}).union(
-    *(kind.lora_fields for kind in KINDS.values()))
+OVERRIDABLE = frozenset(
+    {"r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "init_lora_weights", "lora_dtype"}
+).union(*(kind.lora_fields for kind in KINDS.values()))
 
 
 def matches(name: str, target: str) -> bool:
@@ -39,8 +39,10 @@ def _lora_class(name: str, module: nn.Module, kwargs: Mapping[str, Any]) -> type
         adaptable = sorted({k.adapts.__name__ for k in KINDS.values()})
         if any(k.adapts is base_type for k in KINDS.values()):
             raise TypeError(f"module {name!r}: split_sizes/enable_lora need an nn.Linear, got {base_type.__name__}")
-        raise TypeError(f"module {name!r} is a {base_type.__module__}.{base_type.__name__}; LoRA can be injected "
-                        f"into exactly {', '.join('nn.' + a for a in adaptable)}")
+        raise TypeError(
+            f"module {name!r} is a {base_type.__module__}.{base_type.__name__}; LoRA can be injected "
+            f"into exactly {', '.join('nn.' + a for a in adaptable)}"
+        )
     return kind
 
 
@@ -79,10 +81,19 @@ def inject(
     for target, overrides in per_target.items():
         unknown = set(overrides) - OVERRIDABLE
         if unknown:
-            raise ValueError(f"target {target!r} overrides unknown arguments {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}")
+            raise ValueError(
+                f"target {target!r} overrides unknown arguments {sorted(unknown)}; allowed: {sorted(OVERRIDABLE)}"
+            )
 
-    defaults = dict(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora, use_dora=use_dora,
-                    init_lora_weights=init_lora_weights, lora_dtype=lora_dtype)
+    defaults = dict(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        init_lora_weights=init_lora_weights,
+        lora_dtype=lora_dtype,
+    )
     plan: list[tuple[str, type, dict[str, Any]]] = []
     hits = {t: 0 for t in per_target}
     for name, module in model.named_modules():
@@ -96,8 +107,10 @@ def inject(
         kwargs = {**defaults, **per_target[target]}
         cls = _lora_class(name, module, kwargs)
         if is_mutating_init(check_init(kwargs["init_lora_weights"])) and not cls.supports_mutating_init:
-            raise ValueError(f"module {name!r}: init_lora_weights={kwargs['init_lora_weights']!r} is not available "
-                             f"for {cls.__name__} (PEFT defines PiSSA and OLoRA for linear layers only)")
+            raise ValueError(
+                f"module {name!r}: init_lora_weights={kwargs['init_lora_weights']!r} is not available "
+                f"for {cls.__name__} (PEFT defines PiSSA and OLoRA for linear layers only)"
+            )
         plan.append((name, cls, kwargs))
     missing = [t for t, n in hits.items() if n == 0]
     if missing:

@@ -42,8 +42,19 @@ from .functional import _wide, fused_lora_conv, fused_lora_linear  # _wide: fp32
 from .adapters import is_routed, routed_forward
 from .qlora import Weight4bit, base_linear  # a 4-bit (NF4) frozen weight, and F.linear that also takes one
 
-__all__ = ["LoRALayer", "LoRABase", "Linear", "MergedLinear", "Embedding", "Conv1d", "Conv2d", "Conv3d",
-           "is_lora_layer", "KINDS", "kind_for"]
+__all__ = [
+    "LoRALayer",
+    "LoRABase",
+    "Linear",
+    "MergedLinear",
+    "Embedding",
+    "Conv1d",
+    "Conv2d",
+    "Conv3d",
+    "is_lora_layer",
+    "KINDS",
+    "kind_for",
+]
 
 
 def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
@@ -91,8 +102,7 @@ class _LinearKind(LoRABase):
 
     @staticmethod
     def base_kwargs(module: nn.Module) -> dict[str, Any]:
-        return {"in_features": module.in_features, "out_features": module.out_features,
-                "bias": module.bias is not None}
+        return {"in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None}
 
     @classmethod
     def peft_shapes(cls, module: nn.Module, rank: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -120,7 +130,7 @@ class _LinearKind(LoRABase):
         """
         r, w_all = self.r, self._weight_out_in()
         for i, (start, size, b_row) in enumerate(self._block_rows()):
-            w = _wide(w_all[start:start + size])  # (size, in)
+            w = _wide(w_all[start : start + size])  # (size, in)
             if init == "olora":
                 q, rr = torch.linalg.qr(w)
                 a, b = rr[:r], q[:, :r]
@@ -133,15 +143,17 @@ class _LinearKind(LoRABase):
                     vh = v.T
                 root = (sv / self.scaling).sqrt()
                 a, b = root[:, None] * vh, u * root[None, :]  # (r, in), (size, r)
-            self.lora_A[i * r:(i + 1) * r] = a
-            self.lora_B[b_row:b_row + size] = b
+            self.lora_A[i * r : (i + 1) * r] = a
+            self.lora_B[b_row : b_row + size] = b
         self._subtract_initial(self.lora_A.detach(), self.lora_B.detach())
 
     def _check_mutating_init(self) -> None:
         smallest = min([size for _, size, _ in self._block_rows()] + [self.in_features])
         if self.r > smallest:
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} needs r <= min(rows of each adapted block, "
-                             f"in_features) = {smallest}, got r={self.r}")
+            raise ValueError(
+                f"init_lora_weights={self.init_lora_weights!r} needs r <= min(rows of each adapted block, "
+                f"in_features) = {smallest}, got r={self.r}"
+            )
 
     def _subtract_initial(self, A0: torch.Tensor, B0: torch.Tensor, sign: float = 1.0) -> None:
         """``W <- W - sign * s B0 A0`` per block (fp32, one cast): to and from the residual base PiSSA / OLoRA
@@ -149,10 +161,10 @@ class _LinearKind(LoRABase):
         r, w_all = self.r, self._weight_out_in()
         with torch.no_grad():
             for i, (start, size, b_row) in enumerate(self._block_rows()):
-                w = _wide(w_all[start:start + size])
+                w = _wide(w_all[start : start + size])
                 # (size, r) @ (r, in) -> (size, in)
-                w.sub_(_wide(B0[b_row:b_row + size]) @ _wide(A0[i * r:(i + 1) * r]), alpha=sign * self.scaling)
-                w_all[start:start + size] = w.to(w_all.dtype)
+                w.sub_(_wide(B0[b_row : b_row + size]) @ _wide(A0[i * r : (i + 1) * r]), alpha=sign * self.scaling)
+                w_all[start : start + size] = w.to(w_all.dtype)
         self._dora_key = None
 
     def restore_original_base(self) -> None:
@@ -180,14 +192,16 @@ class _LinearKind(LoRABase):
         Returns ``(A': (2r * blocks, in), B': (rows, 2r))`` in this layer's layout (its scaling is unchanged when
         ``lora_alpha`` is doubled, or multiplied by sqrt(2) with rsLoRA)."""
         if self.lora_A_init is None:
-            raise ValueError(f"{type(self).__name__} has init_lora_weights={self.init_lora_weights!r}: there is no "
-                             f"initial adapter to convert from")
+            raise ValueError(
+                f"{type(self).__name__} has init_lora_weights={self.init_lora_weights!r}: there is no "
+                f"initial adapter to convert from"
+            )
         r, A, B = self.r, self.lora_A.detach(), self.lora_B.detach()
         A0, B0 = self.lora_A_init, self.lora_B_init
         a_parts, b_parts = [], []
         for i, (_, size, b_row) in enumerate(self._block_rows()):
-            a_parts += [A[i * r:(i + 1) * r], A0[i * r:(i + 1) * r]]
-            b_parts.append(torch.cat([B[b_row:b_row + size], -B0[b_row:b_row + size]], dim=1))
+            a_parts += [A[i * r : (i + 1) * r], A0[i * r : (i + 1) * r]]
+            b_parts.append(torch.cat([B[b_row : b_row + size], -B0[b_row : b_row + size]], dim=1))
         return torch.cat(a_parts), torch.cat(b_parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,11 +231,11 @@ class _LinearKind(LoRABase):
         blocks = self._lora_blocks()
         low_rank = dw.new_zeros(dw.shape) if len(blocks) > 1 or blocks[0][1] != self.out_features else None
         for i, (start, size, _, B_i) in enumerate(blocks):
-            part = F.linear(h[..., i * self.r:(i + 1) * self.r], B_i).to(dw.dtype)  # (..., r) @ (r, size)
+            part = F.linear(h[..., i * self.r : (i + 1) * self.r], B_i).to(dw.dtype)  # (..., r) @ (r, size)
             if low_rank is None:
                 low_rank = part
             else:
-                low_rank[..., start:start + size] = part
+                low_rank[..., start : start + size] = part
         return F.linear(x, weight, self.bias) + (f - 1).to(dw.dtype) * dw + f.to(dw.dtype) * low_rank
 
     def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -240,11 +254,11 @@ class _LinearKind(LoRABase):
         delta = torch.zeros(tuple(self.weight.shape), device=self.lora_A.device, dtype=dtype)
         for start, size, A_i, B_i in blocks:
             if self.fan_in_fan_out:  # (in, r) @ (r, size) -> columns of the (in, out) weight
-                delta[:, start:start + size] = _wide(A_i).T @ _wide(B_i).T
+                delta[:, start : start + size] = _wide(A_i).T @ _wide(B_i).T
             elif torch.is_grad_enabled():  # (size, r) @ (r, in) -> rows of the (out, in) weight
-                delta[start:start + size] = _wide(B_i) @ _wide(A_i)
+                delta[start : start + size] = _wide(B_i) @ _wide(A_i)
             else:  # merging: straight into the rows, no second slice-sized temporary
-                torch.mm(_wide(B_i), _wide(A_i), out=delta[start:start + size])
+                torch.mm(_wide(B_i), _wide(A_i), out=delta[start : start + size])
         return delta.mul_(self.scaling)
 
 
@@ -284,12 +298,22 @@ class Linear(_LinearKind, nn.Linear):
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         nn.Linear.__init__(self, in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora,
-                        init_lora_weights)
+        self._init_lora(
+            r,
+            lora_alpha,
+            lora_dropout,
+            merge_weights,
+            use_rslora,
+            lora_dtype,
+            fan_in_fan_out,
+            use_dora,
+            init_lora_weights,
+        )
 
     @classmethod
-    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
-                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+    def lora_shapes(
+        cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, **lora_fields: Any
+    ) -> dict[str, tuple[int, ...]]:
         out_f, in_f = _linear_shapes(base_shape, fan_in_fan_out)
         return {"lora_A": (r, in_f), "lora_B": (out_f, r)}
 
@@ -304,8 +328,18 @@ class Linear(_LinearKind, nn.Linear):
         A, B = self.lora_A, self.lora_B
         dtype = _fused_dtype(x, self.weight, A)
         if dtype is not None:
-            return fused_lora_linear(x, weight.T, bias, A, B, self.scaling, _dropout_p(self) if dropout else 0.0,
-                                     ((0, self.out_features, 0, 0),), self.r, compute_dtype=dtype)
+            return fused_lora_linear(
+                x,
+                weight.T,
+                bias,
+                A,
+                B,
+                self.scaling,
+                _dropout_p(self) if dropout else 0.0,
+                ((0, self.out_features, 0, 0),),
+                self.r,
+                compute_dtype=dtype,
+            )
         result = base_linear(x, weight, bias)
         x = _lora_input(x, A)
         h = F.linear(self.lora_dropout(x) if dropout else x, A)  # (..., in) -> (..., r)
@@ -323,14 +357,19 @@ def _split_layout(out_features: int, enable_lora: Sequence[bool], split_sizes: S
         if out_features % len(enable_lora) != 0:
             raise ValueError(
                 f"out_features={out_features} is not divisible by len(enable_lora)={len(enable_lora)} "
-                f"(enable_lora={list(enable_lora)!r}); pass split_sizes for unequal slices")
+                f"(enable_lora={list(enable_lora)!r}); pass split_sizes for unequal slices"
+            )
         return (out_features // len(enable_lora),) * len(enable_lora)
     sizes = tuple(split_sizes)
-    if (len(sizes) != len(enable_lora) or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes)
-            or sum(sizes) != out_features):
+    if (
+        len(sizes) != len(enable_lora)
+        or any(isinstance(s, bool) or not isinstance(s, int) or s <= 0 for s in sizes)
+        or sum(sizes) != out_features
+    ):
         raise ValueError(
             f"split_sizes={list(sizes)!r} must be {len(enable_lora)} positive ints (one per enable_lora entry) "
-            f"summing to out_features={out_features}")
+            f"summing to out_features={out_features}"
+        )
     return sizes
 
 
@@ -374,13 +413,29 @@ class MergedLinear(_LinearKind, nn.Linear):
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         # (row offset in the output, number of rows) of each enabled slice; plain ints, so nothing to move.
         self.lora_slices = tuple((starts[i], sizes[i]) for i, e in enumerate(self.enable_lora) if e)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, fan_in_fan_out, use_dora,
-                        init_lora_weights)
+        self._init_lora(
+            r,
+            lora_alpha,
+            lora_dropout,
+            merge_weights,
+            use_rslora,
+            lora_dtype,
+            fan_in_fan_out,
+            use_dora,
+            init_lora_weights,
+        )
 
     @classmethod
-    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, *,
-                    split_sizes: Sequence[int] = (), enable_lora: Sequence[bool] = (),
-                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+    def lora_shapes(
+        cls,
+        base_shape: Sequence[int],
+        r: int,
+        fan_in_fan_out: bool = False,
+        *,
+        split_sizes: Sequence[int] = (),
+        enable_lora: Sequence[bool] = (),
+        **lora_fields: Any,
+    ) -> dict[str, tuple[int, ...]]:
         _, in_f = _linear_shapes(base_shape, fan_in_fan_out)
         rows = [s for s, e in zip(split_sizes, enable_lora) if e]
         return {"lora_A": (r * len(rows), in_f), "lora_B": (sum(rows), r)} if rows else {}
@@ -394,14 +449,22 @@ class MergedLinear(_LinearKind, nn.Linear):
             return f"enable_lora={enable!r} must be one bool per split_sizes entry ({len(sizes)}), at least one True"
         out_f, _ = _linear_shapes(info["base_shape"], info.get("fan_in_fan_out", False))
         if sum(sizes) != out_f:
-            return f"split_sizes={sizes!r} sum to {sum(sizes)}, not the {out_f} output rows of " \
-                   f"base_shape={info['base_shape']!r}"
+            return (
+                f"split_sizes={sizes!r} sum to {sum(sizes)}, not the {out_f} output rows of "
+                f"base_shape={info['base_shape']!r}"
+            )
         return None
 
     @classmethod
-    def magnitude_shape(cls, base_shape: Sequence[int], fan_in_fan_out: bool = False, *,
-                        split_sizes: Sequence[int] = (), enable_lora: Sequence[bool] = (),
-                        **lora_fields: Any) -> tuple[int, ...]:
+    def magnitude_shape(
+        cls,
+        base_shape: Sequence[int],
+        fan_in_fan_out: bool = False,
+        *,
+        split_sizes: Sequence[int] = (),
+        enable_lora: Sequence[bool] = (),
+        **lora_fields: Any,
+    ) -> tuple[int, ...]:
         """DoRA per slice: one magnitude per row of the enabled slices (as PEFT's DoRA on the unfused modules)."""
         return (sum(s for s, e in zip(split_sizes, enable_lora) if e),)
 
@@ -416,7 +479,7 @@ class MergedLinear(_LinearKind, nn.Linear):
     def _slice_params(self):
         """Yield ``(row_start, rows, A_i: (r, in), B_i: (rows, r))`` per enabled slice."""
         for i, (start, size, b_row) in enumerate(self._blocks()):
-            yield start, size, self.lora_A[i * self.r:(i + 1) * self.r], self.lora_B[b_row:b_row + size]
+            yield start, size, self.lora_A[i * self.r : (i + 1) * self.r], self.lora_B[b_row : b_row + size]
 
     def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         return list(self._slice_params())
@@ -434,7 +497,7 @@ class MergedLinear(_LinearKind, nn.Linear):
         r = A.shape[0] // len(self.lora_slices)  # 2r per slice when converted
         B = torch.zeros(self.out_features, A.shape[0], dtype=A.dtype, device=A.device)  # (out, r * k)
         for i, (start, size, b_row) in enumerate(self._blocks()):
-            B[start:start + size, i * r:(i + 1) * r] = B_stacked[b_row:b_row + size]
+            B[start : start + size, i * r : (i + 1) * r] = B_stacked[b_row : b_row + size]
         return A, B
 
     def _lora_forward(self, x: torch.Tensor, bias: torch.Tensor | None, dropout: bool) -> torch.Tensor:
@@ -443,14 +506,24 @@ class MergedLinear(_LinearKind, nn.Linear):
         dtype = _fused_dtype(x, self.weight, self.lora_A)
         if dtype is not None:
             blocks = [(start, size, b_row, i * self.r) for i, (start, size, b_row) in enumerate(self._blocks())]
-            return fused_lora_linear(x, weight.T, bias, self.lora_A, self.lora_B, self.scaling,
-                                     _dropout_p(self) if dropout else 0.0, blocks, self.r, compute_dtype=dtype)
+            return fused_lora_linear(
+                x,
+                weight.T,
+                bias,
+                self.lora_A,
+                self.lora_B,
+                self.scaling,
+                _dropout_p(self) if dropout else 0.0,
+                blocks,
+                self.r,
+                compute_dtype=dtype,
+            )
         result = base_linear(x, weight, bias)
         x = _lora_input(x, self.lora_A)
         h = F.linear(self.lora_dropout(x) if dropout else x, self.lora_A) * self.scaling  # (..., r * n)
         for i, (start, size, _, B_i) in enumerate(self._slice_params()):
             # (..., r) @ (r, size) -> (..., size), added in place into this slice's columns of the output
-            result[..., start:start + size] += F.linear(h[..., i * self.r:(i + 1) * self.r], B_i).to(result.dtype)
+            result[..., start : start + size] += F.linear(h[..., i * self.r : (i + 1) * self.r], B_i).to(result.dtype)
         return result
 
 
@@ -489,21 +562,38 @@ class Embedding(LoRABase, nn.Embedding):
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         if use_dora and kwargs.get("max_norm") is not None:
-            raise ValueError(f"use_dora=True with max_norm={kwargs['max_norm']} is not supported: DoRA's magnitude "
-                             f"and max_norm both rescale the looked-up rows")
+            raise ValueError(
+                f"use_dora=True with max_norm={kwargs['max_norm']} is not supported: DoRA's magnitude "
+                f"and max_norm both rescale the looked-up rows"
+            )
         nn.Embedding.__init__(self, num_embeddings, embedding_dim, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora,
-                        init_lora_weights=init_lora_weights)
+        self._init_lora(
+            r,
+            lora_alpha,
+            lora_dropout,
+            merge_weights,
+            use_rslora,
+            lora_dtype,
+            use_dora=use_dora,
+            init_lora_weights=init_lora_weights,
+        )
 
     @staticmethod
     def base_kwargs(module: nn.Module) -> dict[str, Any]:
-        return {"num_embeddings": module.num_embeddings, "embedding_dim": module.embedding_dim,
-                "padding_idx": module.padding_idx, "max_norm": module.max_norm, "norm_type": module.norm_type,
-                "scale_grad_by_freq": module.scale_grad_by_freq, "sparse": module.sparse}
+        return {
+            "num_embeddings": module.num_embeddings,
+            "embedding_dim": module.embedding_dim,
+            "padding_idx": module.padding_idx,
+            "max_norm": module.max_norm,
+            "norm_type": module.norm_type,
+            "scale_grad_by_freq": module.scale_grad_by_freq,
+            "sparse": module.sparse,
+        }
 
     @classmethod
-    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
-                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+    def lora_shapes(
+        cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, **lora_fields: Any
+    ) -> dict[str, tuple[int, ...]]:
         return {"lora_A": (r, base_shape[0]), "lora_B": (base_shape[1], r)}
 
     @classmethod
@@ -565,8 +655,13 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
     """
 
     _conv: Any  # F.conv1d / F.conv2d / F.conv3d, set by the subclasses
-    base_fields = {"stride": (list,), "padding": (list, str), "dilation": (list,), "groups": (int,),
-                   "padding_mode": (str,)}
+    base_fields = {
+        "stride": (list,),
+        "padding": (list, str),
+        "dilation": (list,),
+        "groups": (int,),
+        "padding_mode": (str,),
+    }
 
     def __init__(
         self,
@@ -586,19 +681,35 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
     ) -> None:
         check_lora_args(r, lora_alpha, lora_dropout)
         self.adapts.__init__(self, in_channels, out_channels, kernel_size, **kwargs)
-        self._init_lora(r, lora_alpha, lora_dropout, merge_weights, use_rslora, lora_dtype, use_dora=use_dora,
-                        init_lora_weights=init_lora_weights)
+        self._init_lora(
+            r,
+            lora_alpha,
+            lora_dropout,
+            merge_weights,
+            use_rslora,
+            lora_dtype,
+            use_dora=use_dora,
+            init_lora_weights=init_lora_weights,
+        )
 
     @staticmethod
     def base_kwargs(module: nn.Module) -> dict[str, Any]:
-        return {"in_channels": module.in_channels, "out_channels": module.out_channels,
-                "kernel_size": module.kernel_size, "stride": module.stride, "padding": module.padding,
-                "dilation": module.dilation, "groups": module.groups, "bias": module.bias is not None,
-                "padding_mode": module.padding_mode}
+        return {
+            "in_channels": module.in_channels,
+            "out_channels": module.out_channels,
+            "kernel_size": module.kernel_size,
+            "stride": module.stride,
+            "padding": module.padding,
+            "dilation": module.dilation,
+            "groups": module.groups,
+            "bias": module.bias is not None,
+            "padding_mode": module.padding_mode,
+        }
 
     @classmethod
-    def lora_shapes(cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False,
-                    **lora_fields: Any) -> dict[str, tuple[int, ...]]:
+    def lora_shapes(
+        cls, base_shape: Sequence[int], r: int, fan_in_fan_out: bool = False, **lora_fields: Any
+    ) -> dict[str, tuple[int, ...]]:
         return {"lora_A": (r, math.prod(base_shape[1:])), "lora_B": (base_shape[0], r)}
 
     @classmethod
@@ -615,10 +726,14 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
     def check_peft_compatible(cls, name: str, module: nn.Module) -> None:
         # PEFT builds lora_A as Conv(in, r, kernel, stride, padding): no groups, dilation or padding_mode.
         if module.groups != 1:
-            raise ValueError(f"module {name!r}: PEFT's conv LoRA differs from this library's for groups={module.groups}")
+            raise ValueError(
+                f"module {name!r}: PEFT's conv LoRA differs from this library's for groups={module.groups}"
+            )
         if any(d != 1 for d in module.dilation) or module.padding_mode != "zeros":
-            raise ValueError(f"module {name!r}: PEFT's conv LoRA ignores dilation={module.dilation} / "
-                             f"padding_mode={module.padding_mode!r}; its output would differ")
+            raise ValueError(
+                f"module {name!r}: PEFT's conv LoRA ignores dilation={module.dilation} / "
+                f"padding_mode={module.padding_mode!r}; its output would differ"
+            )
 
     @classmethod
     def peft_magnitude_shape(cls, module: nn.Module) -> tuple[int, ...]:
@@ -665,20 +780,41 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
             return z * f if self.bias is None else torch.addcmul(self.bias.to(z.dtype).view(-1, *ones), z, f)
         d = self.lora_dropout(x)
         zd = self._lora_forward(d, None, dropout=False)
-        return self._conv_forward(x, self.weight, self.bias) + zd * f.to(zd.dtype) - self._conv_forward(d, self.weight, None)
+        return (
+            self._conv_forward(x, self.weight, self.bias)
+            + zd * f.to(zd.dtype)
+            - self._conv_forward(d, self.weight, None)
+        )
 
     def _lora_forward(self, x: torch.Tensor, bias: torch.Tensor | None, dropout: bool) -> torch.Tensor:
         """``conv(x, W) + bias`` plus the LoRA branch of ``dropout(x)`` (no dropout unless ``dropout``)."""
         # The fused conv uses the merged filters; in 16-bit types their rounding would make an adapter at init
         # differ from its base, so it runs in fp32/fp64 only (and without autocast, which picks its own dtypes).
-        if (self.groups == 1 and not isinstance(self.padding, str) and (_dropout_p(self) == 0 or not dropout)
-                and x.dtype in (torch.float32, torch.float64) and _fused_dtype(x, self.weight, self.lora_A) == x.dtype):
+        if (
+            self.groups == 1
+            and not isinstance(self.padding, str)
+            and (_dropout_p(self) == 0 or not dropout)
+            and x.dtype in (torch.float32, torch.float64)
+            and _fused_dtype(x, self.weight, self.lora_A) == x.dtype
+        ):
             padding = self.padding
             if self.padding_mode != "zeros":
-                x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), (0,) * len(padding)
+                x, padding = (
+                    F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode),
+                    (0,) * len(padding),
+                )
             A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # fp32 adapters run in the base's dtype
-            return fused_lora_conv(x, self.weight, bias, A.view(self.r, -1, *self.kernel_size), B,
-                                   self.scaling, self.stride, padding, self.dilation)
+            return fused_lora_conv(
+                x,
+                self.weight,
+                bias,
+                A.view(self.r, -1, *self.kernel_size),
+                B,
+                self.scaling,
+                self.stride,
+                padding,
+                self.dilation,
+            )
         result = self._conv_forward(x, self.weight, bias)
         return result + self._lora_branch(x, dropout).to(result.dtype)
 
@@ -719,6 +855,10 @@ def kind_for(module: nn.Module, lora_kwargs: dict[str, Any] | None = None) -> ty
     """
     special = set(lora_kwargs or ()) & {f for kind in KINDS.values() for f in kind.lora_fields}
     for kind in KINDS.values():
-        if kind.adapts is getattr(module, "plain_type", type(module)) and special <= set(kind.lora_fields) and bool(special) == bool(kind.lora_fields):
+        if (
+            kind.adapts is getattr(module, "plain_type", type(module))
+            and special <= set(kind.lora_fields)
+            and bool(special) == bool(kind.lora_fields)
+        ):
             return kind
     return None

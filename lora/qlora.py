@@ -271,8 +271,10 @@ def quantize(
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, LoRABase) and (layer.use_dora or is_mutating_init(layer.init_lora_weights)):
-            raise ValueError(f"cannot quantize {name!r}: DoRA and PiSSA / OLoRA over a 4-bit base are not supported "
-                             f"(plain LoRA over it is QLoRA)")
+            raise ValueError(
+                f"cannot quantize {name!r}: DoRA and PiSSA / OLoRA over a 4-bit base are not supported "
+                f"(plain LoRA over it is QLoRA)"
+            )
         if isinstance(layer, LoRABase) and (layer.merged or layer.fan_in_fan_out):
             state = "merged (unmerge it first)" if layer.merged else "fan_in_fan_out (its weight is (in, out))"
             raise ValueError(f"cannot quantize {name!r}: it is {state}")

@@ -94,9 +94,11 @@ def _check_mergeable(layers: list[tuple[str, LoRABase]]) -> None:
     """``ValueError`` naming the first layer whose merged weight would not be finite; one layer's delta at a time."""
     for name, m in layers:
         if not m.merged_is_finite():
-            raise ValueError(f"refusing to merge {name or type(m).__name__}: its merged weight is not finite "
-                             f"(the delta, or weight + delta in {m.weight.dtype}, is inf or nan); "
-                             f"no layer was changed")
+            raise ValueError(
+                f"refusing to merge {name or type(m).__name__}: its merged weight is not finite "
+                f"(the delta, or weight + delta in {m.weight.dtype}, is inf or nan); "
+                f"no layer was changed"
+            )
 
 
 def merge_lora(model: nn.Module, safe: bool = True) -> nn.Module:
@@ -139,8 +141,10 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, LoRABase)]
     for name, m in layers:  # check before merging: a refusal must leave the model as it was
         if m.fan_in_fan_out:
-            raise ValueError(f"merge_and_unload cannot turn the fan_in_fan_out layer {name or type(m).__name__!r} "
-                             f"into {m.adapts.__name__}; merge_lora it instead")
+            raise ValueError(
+                f"merge_and_unload cannot turn the fan_in_fan_out layer {name or type(m).__name__!r} "
+                f"into {m.adapts.__name__}; merge_lora it instead"
+            )
     active = active_adapter(model)
     if safe and active in adapter_names(model):
         with as_default(model, active):  # check the adapter that will be merged
@@ -158,8 +162,9 @@ def merge_and_unload(model: nn.Module, safe: bool = True) -> nn.Module:
     return model
 
 
-def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, lr_embedding: float = 1e-6,
-                          weight_decay: float = 0.0) -> list[dict]:
+def loraplus_param_groups(
+    model: nn.Module, lr: float, ratio: float = 16.0, lr_embedding: float = 1e-6, weight_decay: float = 0.0
+) -> list[dict]:
     """Optimizer parameter groups for LoRA+ (Hayou et al. 2024: B learns ``ratio`` times faster than A), as PEFT's
     ``create_loraplus_optimizer`` forms them: ``torch.optim.AdamW(loraplus_param_groups(model, lr=2e-4))``.
 
@@ -198,5 +203,8 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, lr_e
             else:
                 groups["B_no_decay" if p_name == "bias" else "B"].append(p)
     rates = {"A": lr, "embedding": lr_embedding, "B": lr * ratio, "B_no_decay": lr * ratio}
-    return [{"name": g, "params": ps, "lr": rates[g], "weight_decay": 0.0 if g == "B_no_decay" else weight_decay}
-            for g, ps in groups.items() if ps]
+    return [
+        {"name": g, "params": ps, "lr": rates[g], "weight_decay": 0.0 if g == "B_no_decay" else weight_decay}
+        for g, ps in groups.items()
+        if ps
+    ]

@@ -21,9 +21,12 @@ MAKE = {
     "Conv3d": lambda **kw: lora.Conv3d(2, 4, (1, 2, 3), groups=2, padding=(0, 1, 1), **kw),
 }
 INPUT = {
-    "Linear": lambda: torch.randn(3, 6), "MergedLinear": lambda: torch.randn(2, 3, 6),
-    "Embedding": lambda: torch.tensor([[0, 3, 6], [1, 1, 2]]), "Conv1d": lambda: torch.randn(2, 4, 9),
-    "Conv2d": lambda: torch.randn(2, 3, 7, 6), "Conv3d": lambda: torch.randn(1, 2, 3, 4, 5),
+    "Linear": lambda: torch.randn(3, 6),
+    "MergedLinear": lambda: torch.randn(2, 3, 6),
+    "Embedding": lambda: torch.tensor([[0, 3, 6], [1, 1, 2]]),
+    "Conv1d": lambda: torch.randn(2, 4, 9),
+    "Conv2d": lambda: torch.randn(2, 3, 7, 6),
+    "Conv3d": lambda: torch.randn(1, 2, 3, 4, 5),
 }
 
 
@@ -63,10 +66,12 @@ def test_contract_round_trip_through_the_plain_layer(kind):
     info = layer.describe()
     rebuilt = cls.from_module(plain, **cls.rebuild_kwargs(info))
     assert rebuilt.weight is layer.weight
-    assert {n: tuple(p.shape) for n, p in rebuilt.named_parameters()} == \
-           {n: tuple(p.shape) for n, p in layer.named_parameters()}
-    assert cls.lora_shapes(info["base_shape"], info["r"], **{f: info[f] for f in cls.lora_fields}) == \
-           {n: tuple(getattr(layer, n).shape) for n in layer.lora_param_names()}
+    assert {n: tuple(p.shape) for n, p in rebuilt.named_parameters()} == {
+        n: tuple(p.shape) for n, p in layer.named_parameters()
+    }
+    assert cls.lora_shapes(info["base_shape"], info["r"], **{f: info[f] for f in cls.lora_fields}) == {
+        n: tuple(getattr(layer, n).shape) for n in layer.lora_param_names()
+    }
     rebuilt.load_state_dict(layer.state_dict())
     assert torch.equal(rebuilt(x), layer(x)) and rebuilt.mismatches(info) == []
 

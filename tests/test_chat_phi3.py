@@ -17,8 +17,14 @@ CHAT = [sys.executable, str(EXAMPLES / "chat_phi3.py"), "--max_new_tokens", "3"]
 
 
 def test_piped_input_echoes_each_question_before_its_reply():
-    proc = subprocess.run(CHAT, input="Hi\n/reset\nWho are you?\n/quit\nNever asked\n", capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        CHAT,
+        input="Hi\n/reset\nWho are you?\n/quit\nNever asked\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     asked = [line for line in lines if line.startswith("> ")]
@@ -43,8 +49,13 @@ def test_interactive_chat_says_how_to_reset_and_quit():
 
 
 def test_missing_adapter_is_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([*CHAT, "--adapter", str(tmp_path / "nope.safetensors"), "--prompt", "Hi"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run(
+        [*CHAT, "--adapter", str(tmp_path / "nope.safetensors"), "--prompt", "Hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -90,8 +101,19 @@ def _reply_alone(chat, capsys, prompt, *adapter):
 
 def test_compare_prints_each_adapters_reply(two_adapters, capsys):
     chat = _chat_module()
-    chat.main(["--max_new_tokens", "6", "--compare", "--prompt", "Hi", "--adapter", f"math={two_adapters['math']}",
-               "--adapter", f"story={two_adapters['story']}"])
+    chat.main(
+        [
+            "--max_new_tokens",
+            "6",
+            "--compare",
+            "--prompt",
+            "Hi",
+            "--adapter",
+            f"math={two_adapters['math']}",
+            "--adapter",
+            f"story={two_adapters['story']}",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "> Hi" and [line.split("]")[0] + "]" for line in lines[1:]] == ["[math]", "[story]", "[base]"]
     got = {line[1:].split("] ", 1)[0]: line.split("] ", 1)[1] if "] " in line else "" for line in lines[1:]}
@@ -108,14 +130,25 @@ def test_use_switches_adapter(two_adapters, capsys, monkeypatch):
     chat = _chat_module()
     piped = "Hi\n/use story\n/reset\nHi\n/use nope\n/use base\n/reset\nHi\n"
     monkeypatch.setattr("sys.stdin", io.StringIO(piped))
-    chat.main(["--max_new_tokens", "6", "--adapter", f"math={two_adapters['math']}",
-               "--adapter", f"story={two_adapters['story']}"])
+    chat.main(
+        [
+            "--max_new_tokens",
+            "6",
+            "--adapter",
+            f"math={two_adapters['math']}",
+            "--adapter",
+            f"story={two_adapters['story']}",
+        ]
+    )
     lines = capsys.readouterr().out.splitlines()
     replies = [lines[i + 1].strip() for i, line in enumerate(lines) if line == "> Hi"]
     assert "(now using story)" in lines and "(now using base)" in lines
     assert any("no adapter 'nope'" in line and "math, story, base" in line for line in lines)
-    assert replies == [_reply_alone(chat, capsys, "Hi", two_adapters["math"]),
-                       _reply_alone(chat, capsys, "Hi", two_adapters["story"]), _reply_alone(chat, capsys, "Hi")]
+    assert replies == [
+        _reply_alone(chat, capsys, "Hi", two_adapters["math"]),
+        _reply_alone(chat, capsys, "Hi", two_adapters["story"]),
+        _reply_alone(chat, capsys, "Hi"),
+    ]
 
 
 def test_single_unnamed_adapter_and_bad_flags(two_adapters, capsys):
@@ -124,8 +157,11 @@ def test_single_unnamed_adapter_and_bad_flags(two_adapters, capsys):
     unnamed = capsys.readouterr().out
     chat.main(["--max_new_tokens", "6", "--prompt", "Hi", "--adapter", f"m={two_adapters['math']}"])
     assert capsys.readouterr().out == unnamed  # the same adapter, named or not
-    for argv in (["--adapter", f"a={two_adapters['math']}", "--adapter", f"a={two_adapters['story']}"],
-                 ["--compare", "--prompt", "Hi"], ["--adapter", f"base={two_adapters['math']}"]):
+    for argv in (
+        ["--adapter", f"a={two_adapters['math']}", "--adapter", f"a={two_adapters['story']}"],
+        ["--compare", "--prompt", "Hi"],
+        ["--adapter", f"base={two_adapters['math']}"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             chat.main(argv)
         assert exit_info.value.code != 0
@@ -134,10 +170,12 @@ def test_single_unnamed_adapter_and_bad_flags(two_adapters, capsys):
 
 
 def test_quantized_base_chats():
-    proc = subprocess.run([*CHAT, "--quantize", "nf4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
-                          check=False)
+    proc = subprocess.run(
+        [*CHAT, "--quantize", "nf4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("> Hi\n") and len(proc.stdout.splitlines()) == 2
-    bad = subprocess.run([*CHAT, "--quantize", "int4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
-                         check=False)
+    bad = subprocess.run(
+        [*CHAT, "--quantize", "int4", "--prompt", "Hi"], capture_output=True, text=True, timeout=120, check=False
+    )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "int4" in bad.stderr

@@ -27,8 +27,18 @@ import lora.peft_format
 from lora._io import write_safetensors
 import lora.phi3
 
-TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+TINY = dict(
+    vocab_size=96,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 PEFT_TOL = 1e-5  # fp32 max |logit difference| between this library and PEFT on the same adapter
 
 
@@ -74,8 +84,7 @@ def randomize_lora(model: nn.Module, seed: int = 0, scale: float = 0.2) -> None:
 
 
 def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, type]]:
-    return ({k: v.clone() for k, v in model.state_dict().items()},
-            {n: type(m) for n, m in model.named_modules()})
+    return ({k: v.clone() for k, v in model.state_dict().items()}, {n: type(m) for n, m in model.named_modules()})
 
 
 def assert_unchanged(model: nn.Module, snap) -> None:
@@ -93,8 +102,7 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def adapted_phi3(base=hf_model, seed: int = 0, **inject_kwargs):
     model = base()
-    lora.phi3.inject(model, r=inject_kwargs.pop("r", 4), lora_alpha=inject_kwargs.pop("lora_alpha", 8),
-                     **inject_kwargs)
+    lora.phi3.inject(model, r=inject_kwargs.pop("r", 4), lora_alpha=inject_kwargs.pop("lora_alpha", 8), **inject_kwargs)
     randomize_lora(model, seed)
     return model
 
@@ -288,8 +296,11 @@ def phi3_adapter(tmp_path_factory):
     return path, logits(model)
 
 
-MODULES = [f"model.layers.{i}.{p}" for i in range(2)
-           for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")]
+MODULES = [
+    f"model.layers.{i}.{p}"
+    for i in range(2)
+    for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+]
 
 
 def _load_fails(model, path, *fragments, strict=True):
@@ -306,13 +317,27 @@ def _load_fails(model, path, *fragments, strict=True):
 def test_wrong_hidden_size_names_every_module_with_both_shapes(phi3_adapter):
     path, _ = phi3_adapter
     model = hf_model(hidden_size=32)  # head_dim 8: qkv (64, 32), o (32, 32), gate_up (192, 32), down (32, 96)
-    found = {"self_attn.qkv_proj": "(64, 32)", "self_attn.o_proj": "(32, 32)", "mlp.gate_up_proj": "(192, 32)",
-             "mlp.down_proj": "(32, 96)"}
-    expected = {"self_attn.qkv_proj": "(128, 64)", "self_attn.o_proj": "(64, 64)", "mlp.gate_up_proj": "(192, 64)",
-                "mlp.down_proj": "(64, 96)"}
-    message = _load_fails(model, path, *(
-        f"model.layers.{i}.{p}: base weight shape expected {expected[p]}, found {found[p]}"
-        for i in range(2) for p in found))
+    found = {
+        "self_attn.qkv_proj": "(64, 32)",
+        "self_attn.o_proj": "(32, 32)",
+        "mlp.gate_up_proj": "(192, 32)",
+        "mlp.down_proj": "(32, 96)",
+    }
+    expected = {
+        "self_attn.qkv_proj": "(128, 64)",
+        "self_attn.o_proj": "(64, 64)",
+        "mlp.gate_up_proj": "(192, 64)",
+        "mlp.down_proj": "(64, 96)",
+    }
+    message = _load_fails(
+        model,
+        path,
+        *(
+            f"model.layers.{i}.{p}: base weight shape expected {expected[p]}, found {found[p]}"
+            for i in range(2)
+            for p in found
+        ),
+    )
     assert message.count("\n") == len(MODULES)  # one ValueError, one line per module
 
 
@@ -320,37 +345,61 @@ def test_missing_module(phi3_adapter):
     path, _ = phi3_adapter
     model = hf_model()
     model.model.layers[1].mlp = nn.Identity()
-    _load_fails(model, path, "model.layers.1.mlp.gate_up_proj: missing", "model.layers.1.mlp.down_proj: missing",
-                "expected a MergedLinear over a base weight of shape (192, 64)")
+    _load_fails(
+        model,
+        path,
+        "model.layers.1.mlp.gate_up_proj: missing",
+        "model.layers.1.mlp.down_proj: missing",
+        "expected a MergedLinear over a base weight of shape (192, 64)",
+    )
 
 
 def test_more_layers(phi3_adapter):
     path, _ = phi3_adapter
-    _load_fails(hf_model(num_hidden_layers=3), path,
-                *(f"*.{leaf}: the adapter's base had 2 such modules, Phi3ForCausalLM has 3"
-                  for leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")))
+    _load_fails(
+        hf_model(num_hidden_layers=3),
+        path,
+        *(
+            f"*.{leaf}: the adapter's base had 2 such modules, Phi3ForCausalLM has 3"
+            for leaf in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+        ),
+    )
 
 
 def test_fewer_layers(phi3_adapter):
     path, _ = phi3_adapter
-    _load_fails(hf_model(num_hidden_layers=1), path, *(f"{n}: missing" for n in MODULES if ".1." in n),
-                "the adapter's base had 2 such modules, Phi3ForCausalLM has 1")
+    _load_fails(
+        hf_model(num_hidden_layers=1),
+        path,
+        *(f"{n}: missing" for n in MODULES if ".1." in n),
+        "the adapter's base had 2 such modules, Phi3ForCausalLM has 1",
+    )
 
 
 def test_gqa_adapter_on_mha_base(phi3_adapter):
     path, _ = phi3_adapter
-    _load_fails(hf_model(num_key_value_heads=4), path,
-                *(f"model.layers.{i}.self_attn.qkv_proj: base weight shape expected (128, 64), found (192, 64)"
-                  for i in range(2)))
+    _load_fails(
+        hf_model(num_key_value_heads=4),
+        path,
+        *(
+            f"model.layers.{i}.self_attn.qkv_proj: base weight shape expected (128, 64), found (192, 64)"
+            for i in range(2)
+        ),
+    )
 
 
 def test_other_slice_layout_or_rank_on_injected_model(phi3_adapter):
     path, _ = phi3_adapter
     model = hf_model()
     lora.phi3.inject(model, r=4, qkv_slices=("q", "v"))
-    _load_fails(model, path, *(f"model.layers.{i}.self_attn.qkv_proj: enable_lora expected [True, True, True], "
-                               f"found [True, False, True]"
-                               for i in range(2)))
+    _load_fails(
+        model,
+        path,
+        *(
+            f"model.layers.{i}.self_attn.qkv_proj: enable_lora expected [True, True, True], found [True, False, True]"
+            for i in range(2)
+        ),
+    )
     model = hf_model()
     lora.phi3.inject(model, r=2)
     _load_fails(model, path, *(f"{n}: rank expected r=4, found r=2" for n in MODULES))
@@ -382,7 +431,7 @@ def _corrupt(kind: str, good: bytes, path: Path) -> None:
         path.write_bytes(good[:-7])
     elif kind == "header":
         n = struct.unpack("<Q", good[:8])[0]
-        path.write_bytes(good[:8] + b"{" + b"\x00garbage" * (n // 8) + good[8 + 1 + 8 * (n // 8):])
+        path.write_bytes(good[:8] + b"{" + b"\x00garbage" * (n // 8) + good[8 + 1 + 8 * (n // 8) :])
     elif kind == "header_length":
         path.write_bytes(struct.pack("<Q", 1 << 40) + good[8:])
     elif kind == "pickle":
@@ -418,6 +467,7 @@ def _mutate_module(field, value):
         else:
             entry[field] = value
         meta["modules"] = json.dumps(modules)
+
     return mutate
 
 
@@ -427,6 +477,7 @@ def _set(key, value):
             del meta[key]
         else:
             meta[key] = value
+
     return mutate
 
 
@@ -485,12 +536,15 @@ def test_tensor_problems_are_named(phi3_adapter, tmp_path):
     broken["model.layers.0.mlp.extra.lora_A"] = torch.zeros(1)
     broken["model.norm.bias"] = torch.zeros(64)  # the base's norm has no bias
     save_file(broken, str(bad), metadata=meta)
-    _load_fails(hf_model(), bad,
-                "model.layers.0.self_attn.o_proj.lora_A: shape expected (4, 64), found (4, 63)",
-                "model.layers.1.mlp.down_proj.lora_B: dtype torch.int32 is not floating point",
-                "model.layers.1.self_attn.o_proj.lora_B: tensor missing",
-                "model.layers.0.mlp.extra.lora_A: tensor in the file matches no LoRA parameter",
-                "model.norm.bias: tensor in the file matches no LoRA parameter")
+    _load_fails(
+        hf_model(),
+        bad,
+        "model.layers.0.self_attn.o_proj.lora_A: shape expected (4, 64), found (4, 63)",
+        "model.layers.1.mlp.down_proj.lora_B: dtype torch.int32 is not floating point",
+        "model.layers.1.self_attn.o_proj.lora_B: tensor missing",
+        "model.layers.0.mlp.extra.lora_A: tensor in the file matches no LoRA parameter",
+        "model.norm.bias: tensor in the file matches no LoRA parameter",
+    )
 
 
 def test_bias_modes_round_trip(tmp_path):
@@ -522,7 +576,7 @@ def test_library_never_unpickles():
             while depth:
                 depth += {"(": 1, ")": -1}.get(text[i], 0)
                 i += 1
-            call = text[m.start():i]
+            call = text[m.start() : i]
             assert re.search(r"weights_only\s*=\s*True", call), f"{path}: {call}"
             calls += 1
     assert calls >= 1  # the legacy adapter_model.bin reader
@@ -690,9 +744,17 @@ def mixed_inputs():
 
 def adapted_mixed(**kwargs):
     model = Mixed(**kwargs)
-    lora.inject(model, {"emb": {"r": 3}, "conv": {"r": 2, "lora_alpha": 5},
-                        "qkv": {"split_sizes": (6, 4, 2), "enable_lora": [True, False, True]},
-                        "out": {"use_rslora": True}}, r=4, lora_alpha=8)
+    lora.inject(
+        model,
+        {
+            "emb": {"r": 3},
+            "conv": {"r": 2, "lora_alpha": 5},
+            "qkv": {"split_sizes": (6, 4, 2), "enable_lora": [True, False, True]},
+            "out": {"use_rslora": True},
+        },
+        r=4,
+        lora_alpha=8,
+    )
     randomize_lora(model)
     return model
 
@@ -715,9 +777,15 @@ def test_export_embedding_conv_merged_to_peft(tmp_path):
             assert diff <= PEFT_TOL
 
 
-@pytest.mark.parametrize("kwargs, fragment", [({"groups": 2}, "groups=2"), ({"dilation": 2}, "dilation"),
-                                              ({"padding_mode": "reflect"}, "padding_mode"),
-                                              ({"max_norm": 1.0}, "max_norm")])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"groups": 2}, "groups=2"),
+        ({"dilation": 2}, "dilation"),
+        ({"padding_mode": "reflect"}, "padding_mode"),
+        ({"max_norm": 1.0}, "max_norm"),
+    ],
+)
 def test_export_refuses_what_peft_computes_differently(tmp_path, kwargs, fragment):
     model = adapted_mixed(**kwargs)
     with pytest.raises(ValueError, match=fragment):
@@ -755,8 +823,11 @@ IMPORT_CASES = {
     "plain": {},
     "patterns": {"rank_pattern": {"qkv_proj": 8, "model.layers.1.mlp.down_proj": 2}, "alpha_pattern": {"o_proj": 3}},
     "rslora": {"use_rslora": True},
-    "rslora_patterns": {"use_rslora": True, "rank_pattern": {"^model.layers.0.mlp.gate_up_proj": 6},
-                        "alpha_pattern": {"layers\\.1\\..*proj": 5}},
+    "rslora_patterns": {
+        "use_rslora": True,
+        "rank_pattern": {"^model.layers.0.mlp.gate_up_proj": 6},
+        "alpha_pattern": {"layers\\.1\\..*proj": 5},
+    },
 }
 
 
@@ -801,26 +872,35 @@ def _import_fails(adapter, *fragments, model=None):
     assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("config, fragment", [
-    ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] is not supported"),
-    ({"bias": "all"}, "bias='all' is not supported"),
-])
+@pytest.mark.parametrize(
+    "config, fragment",
+    [
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save=['lm_head'] is not supported"),
+        ({"bias": "all"}, "bias='all' is not supported"),
+    ],
+)
 def test_import_refuses_peft_options_it_does_not_implement(tmp_path, config, fragment):
     adapter, _ = peft_adapter(tmp_path, **config)
     _import_fails(adapter, fragment)
 
 
-@pytest.mark.parametrize("edit, fragment", [
-    ({"use_dora": True}, "says use_dora=True but the adapter lacks its lora_magnitude_vector"),  # DoRA: test_dora.py
-    ({"init_lora_weights": "pissa"}, "rewrite the base weights"),
-    ({"init_lora_weights": "olora"}, "rewrite the base weights"),
-    ({"lora_bias": True}, "lora_bias=True"),
-    ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
-    ({"use_qalora": True}, "use_qalora"),
-    ({"peft_type": "LOHA"}, "only LORA adapters"),
-    ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-    ({"rank_pattern": {"qkv_proj": 8}}, "lora_A has rank 4 but adapter_config.json says r=8"),
-])
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (
+            {"use_dora": True},
+            "says use_dora=True but the adapter lacks its lora_magnitude_vector",
+        ),  # DoRA: test_dora.py
+        ({"init_lora_weights": "pissa"}, "rewrite the base weights"),
+        ({"init_lora_weights": "olora"}, "rewrite the base weights"),
+        ({"lora_bias": True}, "lora_bias=True"),
+        ({"alora_invocation_tokens": [1, 2]}, "alora_invocation_tokens"),
+        ({"use_qalora": True}, "use_qalora"),
+        ({"peft_type": "LOHA"}, "only LORA adapters"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"rank_pattern": {"qkv_proj": 8}}, "lora_A has rank 4 but adapter_config.json says r=8"),
+    ],
+)
 def test_import_refuses_edited_configs(tmp_path, edit, fragment):
     adapter, _ = peft_adapter(tmp_path)
     cfg = json.loads((adapter / "adapter_config.json").read_text())
@@ -832,22 +912,31 @@ def test_import_refuses_edited_configs(tmp_path, edit, fragment):
 def test_import_refuses_tensor_for_a_module_the_model_lacks(tmp_path):
     adapter, _ = peft_adapter(tmp_path)
     # A base with one layer fewer: PEFT itself drops the layer-1 tensors with at most a warning.
-    _import_fails(adapter, "model.layers.1.self_attn.qkv_proj: the adapter has tensors for it but",
-                  "model.layers.1.mlp.down_proj: the adapter has tensors for it but",
-                  model=hf_model(num_hidden_layers=1))
+    _import_fails(
+        adapter,
+        "model.layers.1.self_attn.qkv_proj: the adapter has tensors for it but",
+        "model.layers.1.mlp.down_proj: the adapter has tensors for it but",
+        model=hf_model(num_hidden_layers=1),
+    )
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     tensors["base_model.model.model.layers.0.mlp.up_proj.lora_A.weight"] = torch.zeros(4, 64)
     tensors["base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"] = torch.zeros(96, 4)
     tensors["base_model.model.model.layers.0.mlp.down_proj.lora_magnitude_vector"] = torch.zeros(64)
     save_file(tensors, str(adapter / "adapter_model.safetensors"))
-    _import_fails(adapter, "model.layers.0.mlp.up_proj: the adapter has tensors for it but",
-                  "down_proj: adapter_config.json says use_dora=False but the adapter has its lora_magnitude_vector")
+    _import_fails(
+        adapter,
+        "model.layers.0.mlp.up_proj: the adapter has tensors for it but",
+        "down_proj: adapter_config.json says use_dora=False but the adapter has its lora_magnitude_vector",
+    )
 
 
 def test_import_refuses_wrong_base_and_already_adapted_model(tmp_path):
     adapter, _ = peft_adapter(tmp_path)
-    _import_fails(adapter, "model.layers.0.self_attn.qkv_proj: lora_B shape expected (192, 4), found (128, 4)",
-                  model=hf_model(num_key_value_heads=4))
+    _import_fails(
+        adapter,
+        "model.layers.0.self_attn.qkv_proj: lora_B shape expected (192, 4), found (128, 4)",
+        model=hf_model(num_key_value_heads=4),
+    )
     model = hf_model()
     lora.phi3.inject(model, r=4, fused=True)
     _import_fails(adapter, "already has LoRA", model=model)
@@ -869,8 +958,10 @@ def test_loralib_state_dict_loads_into_our_layers_and_our_files(tmp_path):
             return self.out(torch.tanh(self.qkv(x)))
 
     torch.manual_seed(0)
-    theirs = Net(loralib.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True]),
-                 loralib.Linear(12, 6, r=3, lora_alpha=6))
+    theirs = Net(
+        loralib.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True]),
+        loralib.Linear(12, 6, r=3, lora_alpha=6),
+    )
     randomize_lora(theirs)
     theirs.train()  # loralib merges into the weight on eval(); train mode is its unmerged forward
     x = torch.randn(5, 8)
@@ -879,8 +970,10 @@ def test_loralib_state_dict_loads_into_our_layers_and_our_files(tmp_path):
     adapter = loralib.lora_state_dict(theirs)
     assert set(adapter) == {"qkv.lora_A", "qkv.lora_B", "out.lora_A", "out.lora_B"}
 
-    ours = Net(lora.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True]),
-               lora.Linear(12, 6, r=3, lora_alpha=6))
+    ours = Net(
+        lora.MergedLinear(8, 12, r=2, lora_alpha=4, enable_lora=[True, False, True]),
+        lora.Linear(12, 6, r=3, lora_alpha=6),
+    )
     base = {k: v for k, v in theirs.state_dict().items() if k.rpartition(".")[2] in ("weight", "bias")}
     ours.load_state_dict(base, strict=False)
     missing, unexpected = ours.load_state_dict(adapter, strict=False)
@@ -929,13 +1022,20 @@ def zoo_specs(draw, peft_compatible: bool = False):
     dtype = draw(st.sampled_from(DTYPES))
     targets = {}
     for kind in sorted(kinds):
-        kw = {"r": draw(st.integers(1, 4)), "lora_alpha": draw(st.sampled_from([1, 2.5, 8, 16])),
-              "use_rslora": draw(st.booleans()), "lora_dtype": dtype}
+        kw = {
+            "r": draw(st.integers(1, 4)),
+            "lora_alpha": draw(st.sampled_from([1, 2.5, 8, 16])),
+            "use_rslora": draw(st.booleans()),
+            "lora_dtype": dtype,
+        }
         if kind == "merged":
             kw.update(split_sizes=sizes, enable_lora=enable)
         targets[kind] = kw
-    conv = {} if peft_compatible else {"conv_groups": draw(st.sampled_from([1, 2])),
-                                       "padding_mode": draw(st.sampled_from(["zeros", "reflect"]))}
+    conv = (
+        {}
+        if peft_compatible
+        else {"conv_groups": draw(st.sampled_from([1, 2])), "padding_mode": draw(st.sampled_from(["zeros", "reflect"]))}
+    )
     return sizes, conv, targets
 
 
@@ -1008,8 +1108,11 @@ def test_tensor_of_another_dtype_than_the_metadata_is_refused(phi3_adapter, tmp_
     path, _ = phi3_adapter
     key = "model.layers.0.self_attn.o_proj.lora_A"
     _rewrite(path, tmp_path / "bf16.safetensors", lambda t: t.update({key: t[key].bfloat16()}))
-    _load_fails(hf_model(), tmp_path / "bf16.safetensors",
-                f"{key}: dtype bfloat16 differs from the metadata's lora_dtype='float32'")
+    _load_fails(
+        hf_model(),
+        tmp_path / "bf16.safetensors",
+        f"{key}: dtype bfloat16 differs from the metadata's lora_dtype='float32'",
+    )
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])

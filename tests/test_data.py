@@ -199,8 +199,12 @@ def _written_out_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
 
 
 @settings(max_examples=25, deadline=None)
-@given(batch=st.integers(1, 3), length=st.integers(1, 7), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-       seed=st.integers(0, 2**16))
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 7),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
 def test_causal_lm_loss_is_the_written_out_sum(batch: int, length: int, dtype: torch.dtype, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(batch, length, 11, generator=gen) * 3).to(dtype)
@@ -232,10 +236,16 @@ def test_causal_lm_loss_gradient_and_arguments() -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(batch=st.integers(1, 3), length=st.integers(1, 9), chunk=st.sampled_from([1, 2, 3, 5, 7, 64, None]),
-       head_grad=st.booleans(), seed=st.integers(0, 2**16))
-def test_lm_head_loss_is_the_full_computation(batch: int, length: int, chunk: int | None, head_grad: bool,
-                                               seed: int) -> None:
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 9),
+    chunk=st.sampled_from([1, 2, 3, 5, 7, 64, None]),
+    head_grad=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_lm_head_loss_is_the_full_computation(
+    batch: int, length: int, chunk: int | None, head_grad: bool, seed: int
+) -> None:
     """Loss and gradients as causal_lm_loss over the full logits (fp32, 1e-6): rows without any label, scattered
     IGNORE_INDEX, chunk sizes that do not divide the labelled positions, a frozen or trained head."""
     gen = torch.Generator().manual_seed(seed)
@@ -285,8 +295,12 @@ def test_lm_head_loss_tied_head_bf16_and_no_grad() -> None:
 
     with torch.no_grad():
         hidden = embed(ids)
-        torch.testing.assert_close(lm_head_loss(hidden, embed.weight, labels, chunk_size=5),
-                                   causal_lm_loss(hidden @ embed.weight.T, labels), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(
+            lm_head_loss(hidden, embed.weight, labels, chunk_size=5),
+            causal_lm_loss(hidden @ embed.weight.T, labels),
+            rtol=1e-6,
+            atol=1e-6,
+        )
 
 
 def test_lm_head_loss_arguments() -> None:
@@ -315,8 +329,10 @@ def test_phi3_names_are_the_same_objects() -> None:
 @settings(max_examples=30, deadline=None)
 @given(lengths=st.lists(st.integers(1, 12), min_size=1, max_size=9))
 def test_collate_packed_keeps_every_token_once(lengths: list[int]) -> None:
-    batch = [{"input_ids": [100 * i + t for t in range(n)], "labels": [-(100 * i + t) - 1 for t in range(n)]}
-             for i, n in enumerate(lengths)]
+    batch = [
+        {"input_ids": [100 * i + t for t in range(n)], "labels": [-(100 * i + t) - 1 for t in range(n)]}
+        for i, n in enumerate(lengths)
+    ]
     out = collate_packed(batch, pad_token_id=7)
     assert out["input_ids"].shape[1] == max(lengths) and out["input_ids"].shape[0] <= len(lengths)
     for i, item in enumerate(batch):

@@ -37,10 +37,19 @@ chat = _load_example("chat_phi3")
 def tiny_model(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tiny-phi3")
     tok = ByteTokenizer()
-    config = Phi3Config(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                        original_max_position_embeddings=512, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                        pad_token_id=tok.pad_token_id)
+    config = Phi3Config(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        original_max_position_embeddings=512,
+        bos_token_id=None,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     Phi3ForCausalLM(config).save_pretrained(path)
     tok.save(path / "tokenizer.json")
@@ -55,9 +64,29 @@ def chats(tmp_path_factory) -> Path:
 
 
 def _args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--model", str(model), "--data", str(data), "--output_dir", str(out), "--max_steps", "6",
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--eval_steps", "3", "--save_steps", "2",
-            "--num_samples", "1", "--max_new_tokens", "4", *extra]
+    return [
+        "--model",
+        str(model),
+        "--data",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "6",
+        "--per_device_train_batch_size",
+        "4",
+        "--logging_steps",
+        "1",
+        "--eval_steps",
+        "3",
+        "--save_steps",
+        "2",
+        "--num_samples",
+        "1",
+        "--max_new_tokens",
+        "4",
+        *extra,
+    ]
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -68,9 +97,18 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
 def test_run_writes_every_output_and_learns(tiny_model, chats, tmp_path):
     out = tmp_path / "run"
     results = finetune.main(_args(tiny_model, chats, out, "--max_steps", "12", "--learning_rate", "5e-3", "--merge"))
-    for name in ("adapter.safetensors", "peft/adapter_model.safetensors", "peft/adapter_config.json",
-                 "config.json", "metrics.jsonl", "loss.png", "results.json", "merged/config.json",
-                 "merged/model.safetensors", "merged/tokenizer.json"):
+    for name in (
+        "adapter.safetensors",
+        "peft/adapter_model.safetensors",
+        "peft/adapter_config.json",
+        "config.json",
+        "metrics.jsonl",
+        "loss.png",
+        "results.json",
+        "merged/config.json",
+        "merged/model.safetensors",
+        "merged/tokenizer.json",
+    ):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, 13))
@@ -91,24 +129,33 @@ def test_packing_trains_on_shuffled_packed_batches(tiny_model, chats, tmp_path):
     tests/phi3/test_model.py's); the run learns, and the batches are not the length-grouped ones."""
     rows = [{"input_ids": [0] * n} for n in (5, 40, 7, 33, 12, 2, 25, 9)]
     assert finetune.step_batches(rows, 4, 1, 0, 0, packing=True) != finetune.step_batches(rows, 4, 1, 0, 0)
-    results = finetune.main(_args(tiny_model, chats, tmp_path / "run", "--max_steps", "12", "--learning_rate", "5e-3",
-                                  "--packing"))
+    results = finetune.main(
+        _args(tiny_model, chats, tmp_path / "run", "--max_steps", "12", "--learning_rate", "5e-3", "--packing")
+    )
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
 
 
 def test_killed_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_path):
     script = [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
-    full = subprocess.run(script + _args(tiny_model, chats, tmp_path / "a", "--max_steps", "7"), capture_output=True, text=True)
+    full = subprocess.run(
+        script + _args(tiny_model, chats, tmp_path / "a", "--max_steps", "7"), capture_output=True, text=True
+    )
     assert full.returncode == 0, full.stderr[-2000:]
-    killed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "7", "--kill_after_step", "5"),
-                            capture_output=True, text=True)
+    killed = subprocess.run(
+        script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "7", "--kill_after_step", "5"),
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -9  # SIGKILL, right after step 5; the newest checkpoint is step 4
     assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000002", "step-0000004"]
     assert not (tmp_path / "b" / "adapter.safetensors").exists()
     # A half-written checkpoint (crash during a save) is never picked up.
     (tmp_path / "b" / "checkpoints" / ".tmp-step-0000006").mkdir()
-    resumed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "7", "--resume"),
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "7", "--resume"),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout and "step-0000004" in resumed.stdout
     a, b = _tensors(tmp_path / "a" / "adapter.safetensors"), _tensors(tmp_path / "b" / "adapter.safetensors")
@@ -121,22 +168,53 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_path):
 
 
 def test_torchrun_two_processes_match_one_process(tiny_model, chats, tmp_path):
-    common = ["--max_steps", "3", "--lora_dropout", "0", "--gradient_accumulation_steps", "2", "--save_steps", "100",
-              "--eval_steps", "100", "--num_samples", "0"]
+    common = [
+        "--max_steps",
+        "3",
+        "--lora_dropout",
+        "0",
+        "--gradient_accumulation_steps",
+        "2",
+        "--save_steps",
+        "100",
+        "--eval_steps",
+        "100",
+        "--num_samples",
+        "0",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                str(EXAMPLES / "finetune_phi3.py")]
-    ddp = subprocess.run(torchrun + _args(tiny_model, chats, tmp_path / "ddp", *common, "--per_device_train_batch_size", "2"),
-                         capture_output=True, text=True, env=env, timeout=300)
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        str(EXAMPLES / "finetune_phi3.py"),
+    ]
+    ddp = subprocess.run(
+        torchrun + _args(tiny_model, chats, tmp_path / "ddp", *common, "--per_device_train_batch_size", "2"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, str(EXAMPLES / "finetune_phi3.py")]
-                            + _args(tiny_model, chats, tmp_path / "one", *common, "--per_device_train_batch_size", "4"),
-                            capture_output=True, text=True, env=env, timeout=300)
+    single = subprocess.run(
+        [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
+        + _args(tiny_model, chats, tmp_path / "one", *common, "--per_device_train_batch_size", "4"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     rows = {}
     for name in ("ddp", "one"):  # the training rows (step 0 holds the eval loss before training)
-        rows[name] = [row for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
-                      if "loss" in (row := json.loads(line))]
+        rows[name] = [
+            row
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+            if "loss" in (row := json.loads(line))
+        ]
     for r_ddp, r_one in zip(rows["ddp"], rows["one"], strict=True):
         assert r_ddp["loss"] == pytest.approx(r_one["loss"], rel=1e-5)  # same global batches, all ranks' tokens
         assert r_ddp["grad_norm"] == pytest.approx(r_one["grad_norm"], rel=1e-4)
@@ -158,10 +236,13 @@ def test_config_file_and_flag_precedence(tmp_path):
     assert finetune.training_config["learning_rate"] != 1e-4  # the module's defaults were not mutated
 
 
-@pytest.mark.parametrize("content, match", [
-    ({"training_config": {"learning_rte": 1}}, "learning_rte"),
-    ({"lora": {}}, "lora"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"training_config": {"learning_rte": 1}}, "learning_rte"),
+        ({"lora": {}}, "lora"),
+    ],
+)
 def test_config_file_rejects_unknown_keys(tmp_path, content, match):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(content))
@@ -183,7 +264,9 @@ def test_bad_data_is_a_clear_error(tiny_model, chats, tmp_path):
 
 def test_skip_malformed_counts_and_trains(tiny_model, chats, tmp_path, capsys):
     data = tmp_path / "mixed.jsonl"
-    data.write_text(chats.read_text() + "{broken\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    data.write_text(
+        chats.read_text() + "{broken\n" + json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n"
+    )
     finetune.main(_args(tiny_model, data, tmp_path / "run", "--max_steps", "2", "--skip_malformed"))
     out = capsys.readouterr().out
     assert "1 malformed skipped" in out and "1 without an assistant turn skipped" in out
@@ -193,14 +276,24 @@ def test_chat_script_streams_a_reply(tiny_model, chats, tmp_path, capsys):
     out = tmp_path / "run"
     finetune.main(_args(tiny_model, chats, out, "--max_steps", "2"))
     capsys.readouterr()
-    chat.main(["--model", str(tiny_model), "--adapter", str(out / "adapter.safetensors"), "--prompt", "Hi",
-               "--max_new_tokens", "5"])
+    chat.main(
+        [
+            "--model",
+            str(tiny_model),
+            "--adapter",
+            str(out / "adapter.safetensors"),
+            "--prompt",
+            "Hi",
+            "--max_new_tokens",
+            "5",
+        ]
+    )
     printed = capsys.readouterr().out
     assert printed.startswith("> Hi\n")
     # the streamed text is exactly what the adapted model generates greedily
     net, tok = chat.load(tiny_model, out / "adapter.safetensors", None, bf16=False)
     ids = torch.tensor([lora.phi3.encode_prompt([{"role": "user", "content": "Hi"}], tok)])
-    gen = net.generate(ids, 5, eos_token_id=list(tok.stop_token_ids))[0, ids.shape[1]:].tolist()
+    gen = net.generate(ids, 5, eos_token_id=list(tok.stop_token_ids))[0, ids.shape[1] :].tolist()
     stop = next((i for i, t in enumerate(gen) if t in tok.stop_token_ids), len(gen))
     assert printed.split("\n", 1)[1].rstrip("\n") == tok.decode(gen[:stop], skip_special_tokens=True)
     # the PEFT export loads too
@@ -222,12 +315,23 @@ def test_real_checkpoint_layout_with_hf_tokenizer(tmp_path, chats, phi3_like_tok
 
     vocab = load_tokenizer(model_dir).vocab_size
     torch.manual_seed(0)
-    config = transformers.Phi3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = transformers.Phi3Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     hf = transformers.Phi3ForCausalLM(config)
     hf.save_pretrained(model_dir, max_shard_size="40KB")
-    assert (model_dir / "model.safetensors.index.json").is_file() and len(list(model_dir.glob("model-*.safetensors"))) >= 2
+    assert (model_dir / "model.safetensors.index.json").is_file() and len(
+        list(model_dir.glob("model-*.safetensors"))
+    ) >= 2
 
     out = tmp_path / "run"
     finetune.main(_args(model_dir, chats, out, "--max_steps", "3"))
@@ -334,8 +438,19 @@ def test_short_run_checkpoints_and_resume_of_a_finished_run_says_so(tiny_model, 
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files  # nothing re-trained or rewritten
 
 
-@pytest.mark.parametrize("case", ["r0", "save_total_limit", "resume_without_checkpoint", "bad_flag", "unknown_key",
-                                  "bad_data", "no_model", "eval_empty_after_truncation"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "r0",
+        "save_total_limit",
+        "resume_without_checkpoint",
+        "bad_flag",
+        "unknown_key",
+        "bad_data",
+        "no_model",
+        "eval_empty_after_truncation",
+    ],
+)
 def test_user_errors_are_one_line_without_traceback(tiny_model, chats, tmp_path, case):
     out = tmp_path / "run"
     extra, needles = [], []
@@ -389,7 +504,7 @@ def test_end_of_run_lists_every_file_and_the_chat_command(tiny_model, chats, tmp
     out = tmp_path / "run"
     finetune.main(_short(tiny_model, chats, out))
     printed = capsys.readouterr().out
-    tail = printed[printed.index(f"wrote {out}/"):].splitlines()
+    tail = printed[printed.index(f"wrote {out}/") :].splitlines()
     listing = list(itertools.takewhile(lambda line: line.startswith("  "), tail[1:]))
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     listed = {line.split()[0] for line in listing}
@@ -399,30 +514,57 @@ def test_end_of_run_lists_every_file_and_the_chat_command(tiny_model, chats, tmp
     command = tail[len(listing) + 2].strip()
     argv = shlex.split(command)
     assert argv[0] == "python"
-    chatted = subprocess.run([sys.executable, *argv[1:], "--prompt", "Hi", "--max_new_tokens", "3"],
-                             check=False, capture_output=True, text=True, timeout=120)
+    chatted = subprocess.run(
+        [sys.executable, *argv[1:], "--prompt", "Hi", "--max_new_tokens", "3"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert chatted.returncode == 0, chatted.stderr[-2000:]
     assert chatted.stdout.startswith("> Hi\n")
 
 
 def test_readme_chat_command_works_for_the_default_run(chats, tmp_path, monkeypatch, capsys):
     readme = (ROOT / "README.md").read_text()
-    commands = [line.strip() for line in readme.splitlines()
-                if line.strip().startswith("python examples/chat_phi3.py") and "path/to" not in line]
+    commands = [
+        line.strip()
+        for line in readme.splitlines()
+        if line.strip().startswith("python examples/chat_phi3.py") and "path/to" not in line
+    ]
     assert commands, "README shows no chat command for the default run"
     (tmp_path / "examples").symlink_to(EXAMPLES)  # README's commands run from the repository root
     monkeypatch.chdir(tmp_path)  # the default --output_dir, runs/phi3-lora, is relative
-    finetune.main(["--data", str(chats), "--max_steps", "1", "--per_device_train_batch_size", "4", "--eval_fraction",
-                   "0", "--num_samples", "0"])
+    finetune.main(
+        [
+            "--data",
+            str(chats),
+            "--max_steps",
+            "1",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_fraction",
+            "0",
+            "--num_samples",
+            "0",
+        ]
+    )
     printed = capsys.readouterr().out.splitlines()
     printed_argv = shlex.split(printed[printed.index("chat with the result:") + 1])
     for command in commands:
         argv = shlex.split(command)
-        chatted = subprocess.run([sys.executable, *argv[1:], "--max_new_tokens", "4"],  # as written, replies cut short
-                                 check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120, input="")
+        chatted = subprocess.run(
+            [sys.executable, *argv[1:], "--max_new_tokens", "4"],  # as written, replies cut short
+            check=False,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=120,
+            input="",
+        )
         assert chatted.returncode == 0, (command, chatted.stderr[-2000:])
         # and the run printed the same command (here with the script's absolute path: the cwd is elsewhere)
-        assert printed_argv[2:] == (argv[2:argv.index("--prompt")] if "--prompt" in argv else argv[2:])
+        assert printed_argv[2:] == (argv[2 : argv.index("--prompt")] if "--prompt" in argv else argv[2:])
 
 
 def test_loss_plot_shows_title_the_before_point_markers_and_integer_steps(tiny_model, chats, tmp_path, monkeypatch):
@@ -463,8 +605,13 @@ def test_answer_match_is_whole_word() -> None:
     """The example's answer match: the answer must stand as a whole word, so a wrong "1900" never counts for
     "900" (population values of the world include both)."""
     example = _load_example("finetune_phi3")
-    qa = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"X has {a} people."}],
-           "answer": a} for a in ("900", "900", "1900")]
+    qa = [
+        {
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": f"X has {a} people."}],
+            "answer": a,
+        }
+        for a in ("900", "900", "1900")
+    ]
     replies = iter(["X has 1900 people.", "X has 900 people.", "X has 1900 people."])
     example.replies = lambda *args, **kwargs: [next(replies) for _ in qa]
     scores, _ = example.qa_accuracy(None, None, qa, {"max_new_tokens": 8, "per_device_eval_batch_size": 4}, "cpu")
@@ -492,11 +639,30 @@ def test_variants_dora_pissa_loraplus_train_merge_and_resume(tiny_model, chats, 
     torch.testing.assert_close(merged(ids).logits, adapted.eval()(ids).logits, atol=1e-5, rtol=1e-5)
 
     script = [sys.executable, str(EXAMPLES / "finetune_phi3.py")]
-    killed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "5", "--num_samples", "0",
-                                           "--kill_after_step", "3", *variant), capture_output=True, text=True)
+    killed = subprocess.run(
+        script
+        + _args(
+            tiny_model,
+            chats,
+            tmp_path / "b",
+            "--max_steps",
+            "5",
+            "--num_samples",
+            "0",
+            "--kill_after_step",
+            "3",
+            *variant,
+        ),
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -9, killed.stderr[-2000:]
-    resumed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "5", "--num_samples", "0",
-                                            "--resume", *variant), capture_output=True, text=True)
+    resumed = subprocess.run(
+        script
+        + _args(tiny_model, chats, tmp_path / "b", "--max_steps", "5", "--num_samples", "0", "--resume", *variant),
+        capture_output=True,
+        text=True,
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _tensors(out / "adapter.safetensors"), _tensors(tmp_path / "b" / "adapter.safetensors")
     assert a.keys() == b.keys()
@@ -532,8 +698,7 @@ def test_bf16_training_step_runs_the_fused_path_and_matches_the_plain_ops():
     def step(plain: bool) -> tuple[float, list[torch.Tensor], int]:
         for p in adapters:
             p.grad = None
-        spy = mock.patch.object(lora.functional._FusedLoRALinear, "apply",
-                                wraps=lora.functional._FusedLoRALinear.apply)
+        spy = mock.patch.object(lora.functional._FusedLoRALinear, "apply", wraps=lora.functional._FusedLoRALinear.apply)
         off = mock.patch("lora.layers._fused_dtype", return_value=None) if plain else contextlib.nullcontext()
         with spy as calls, off:
             loss_sum, n = finetune.token_loss_sum(model, batch, autocast=True)
@@ -569,8 +734,9 @@ def test_bf16_training_step_runs_the_fused_path_and_matches_the_plain_ops():
 
 def test_qlora_run_trains_over_a_4bit_base_exports_and_merges_into_bf16(tiny_model, chats, tmp_path, capsys):
     out = tmp_path / "run"
-    results = finetune.main(_args(tiny_model, chats, out, "--max_steps", "8", "--learning_rate", "5e-3",
-                                  "--quantize", "nf4", "--merge"))
+    results = finetune.main(
+        _args(tiny_model, chats, out, "--max_steps", "8", "--learning_rate", "5e-3", "--quantize", "nf4", "--merge")
+    )
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
     printed = capsys.readouterr().out
     assert "NF4" in printed
@@ -601,11 +767,15 @@ def test_killed_qlora_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_pat
     common = ["--max_steps", "5", "--quantize", "nf4", "--num_samples", "0"]
     full = subprocess.run(script + _args(tiny_model, chats, tmp_path / "a", *common), capture_output=True, text=True)
     assert full.returncode == 0, full.stderr[-2000:]
-    killed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", *common, "--kill_after_step", "3"),
-                            capture_output=True, text=True)
+    killed = subprocess.run(
+        script + _args(tiny_model, chats, tmp_path / "b", *common, "--kill_after_step", "3"),
+        capture_output=True,
+        text=True,
+    )
     assert killed.returncode == -9
-    resumed = subprocess.run(script + _args(tiny_model, chats, tmp_path / "b", *common, "--resume"),
-                             capture_output=True, text=True)
+    resumed = subprocess.run(
+        script + _args(tiny_model, chats, tmp_path / "b", *common, "--resume"), capture_output=True, text=True
+    )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "step-0000002" in resumed.stdout
     a, b = _tensors(tmp_path / "a" / "adapter.safetensors"), _tensors(tmp_path / "b" / "adapter.safetensors")
@@ -615,7 +785,12 @@ def test_killed_qlora_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_pat
     _assert_one_line_error(other, "quantize")
 
 
-@pytest.mark.parametrize("extra, needles", [(["--quantize", "int4"], ["--quantize", "int4"]),
-                                            (["--quantize", "nf4", "--full_finetune"], ["--quantize", "full"])])
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (["--quantize", "int4"], ["--quantize", "int4"]),
+        (["--quantize", "nf4", "--full_finetune"], ["--quantize", "full"]),
+    ],
+)
 def test_bad_quantize_settings_are_one_line_errors(tiny_model, chats, tmp_path, extra, needles):
     _assert_one_line_error(_cli(*_short(tiny_model, chats, tmp_path / "run", *extra)), *needles)

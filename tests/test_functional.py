@@ -52,7 +52,7 @@ def reference(x, W, b, A, B, s, p, blocks, r, state):
     out = F.linear(x, W, b)
     cols = []
     for start, size, b_row, a_row in blocks:
-        upd = s * (xd @ A[a_row:a_row + r].T @ B[b_row:b_row + size].T)
+        upd = s * (xd @ A[a_row : a_row + r].T @ B[b_row : b_row + size].T)
         cols.append(F.pad(upd, (start, W.shape[0] - start - size)))
     return out + sum(cols)
 
@@ -87,8 +87,9 @@ def test_fused_matches_reference_fp64(p, layout, lead, bias, seed):
 def test_layers_use_the_fused_path_with_the_same_math():
     """lora.Linear / MergedLinear in train mode with dropout equal the plain-op reference, gradients included."""
     torch.manual_seed(0)
-    layer = lora.MergedLinear(8, 12, r=2, lora_alpha=3, lora_dropout=0.25, enable_lora=[True, False, True],
-                              split_sizes=(8, 2, 2)).double()
+    layer = lora.MergedLinear(
+        8, 12, r=2, lora_alpha=3, lora_dropout=0.25, enable_lora=[True, False, True], split_sizes=(8, 2, 2)
+    ).double()
     with torch.no_grad():
         layer.lora_B.normal_()
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
@@ -144,8 +145,9 @@ def test_fused_conv_matches_the_merged_weight_fp64(dims, kernel, stride, padding
         mode = "zeros"
     torch.manual_seed(seed)
     cls = {1: lora.Conv1d, 2: lora.Conv2d, 3: lora.Conv3d}[dims]
-    layer = cls(3, 5, kernel, r=2, lora_alpha=3, stride=stride, padding=padding, dilation=dilation,
-                padding_mode=mode, bias=bias).double()
+    layer = cls(
+        3, 5, kernel, r=2, lora_alpha=3, stride=stride, padding=padding, dilation=dilation, padding_mode=mode, bias=bias
+    ).double()
     with torch.no_grad():
         layer.lora_B.normal_()
     for p in layer.parameters():
@@ -176,7 +178,9 @@ def test_dense_mask_variant_matches_reference_fp64(p):
     keep = (xd != 0).double() if p > 0 else torch.ones_like(x)
     xd_diff = x * keep / (1 - p)
     y_ref = x @ W.T + sum(
-        F.pad(0.7 * xd_diff @ A[a:a + r].T @ B[b:b + size].T, (start, 6 - start - size)) for start, size, b, a in layout)
+        F.pad(0.7 * xd_diff @ A[a : a + r].T @ B[b : b + size].T, (start, 6 - start - size))
+        for start, size, b, a in layout
+    )
     torch.testing.assert_close(y, y_ref)
     g = torch.randn_like(y)
     for got, want in zip(torch.autograd.grad(y, (x, W, A, B), g), torch.autograd.grad(y_ref, (x, W, A, B), g)):
@@ -193,8 +197,11 @@ def test_fp32_adapter_over_bf16_base_runs_fused_in_bf16():
     x = torch.randn(5, 32, dtype=torch.bfloat16)
     y = layer(x)
     assert y.dtype == torch.bfloat16
-    ref = (x.double() @ layer.weight.double().T + layer.bias.double()
-           + 2 * x.double() @ layer.lora_A.double().T @ layer.lora_B.double().T)
+    ref = (
+        x.double() @ layer.weight.double().T
+        + layer.bias.double()
+        + 2 * x.double() @ layer.lora_A.double().T @ layer.lora_B.double().T
+    )
     torch.testing.assert_close(y.double(), ref, atol=0.1, rtol=0.02)
     y.float().sum().backward()
     assert layer.lora_A.grad.dtype == torch.float32 and layer.lora_B.grad.dtype == torch.float32
@@ -205,13 +212,18 @@ def test_sparse_dropout_path_in_16_bit(dtype):
     """The sparse-CSR dropout correction runs for 16-bit inputs too (computed in fp32) and matches fp64 math."""
     torch.manual_seed(0)
     x = torch.randn(6, 16, dtype=torch.float64)
-    W, A, B = torch.randn(8, 16, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    W, A, B = (
+        torch.randn(8, 16, dtype=torch.float64),
+        torch.randn(2, 16, dtype=torch.float64),
+        torch.randn(8, 2, dtype=torch.float64),
+    )
     state = torch.get_rng_state()
     low = [t.to(dtype).requires_grad_() for t in (x, W, A, B)]
     y = fused_lora_linear(low[0], low[1].T, None, low[2], low[3], 0.5, 0.3, ((0, 8, 0, 0),), 2, dense_mask=False)
     y.float().sum().backward()
-    ref = reference(low[0].double(), low[1].double(), None, low[2].double(), low[3].double(), 0.5, 0.3,
-                    ((0, 8, 0, 0),), 2, state)
+    ref = reference(
+        low[0].double(), low[1].double(), None, low[2].double(), low[3].double(), 0.5, 0.3, ((0, 8, 0, 0),), 2, state
+    )
     torch.testing.assert_close(y.double(), ref, atol=0.15, rtol=0.05)
     assert all(t.grad is not None and t.grad.dtype == dtype for t in low)
 
@@ -243,8 +255,10 @@ def test_fp32_gemms_over_16_bit_operands_give_the_16_bit_result(kind, p, dtype, 
         for t in (x, layer.lora_A, layer.lora_B):
             t.grad = None
         torch.manual_seed(1)  # the same dropout positions
-        with mock.patch.object(lora.functional, "_gemm_dtype", return_value=gemm_dtype) as chosen, \
-                torch.autocast("cpu", dtype=dtype):
+        with (
+            mock.patch.object(lora.functional, "_gemm_dtype", return_value=gemm_dtype) as chosen,
+            torch.autocast("cpu", dtype=dtype),
+        ):
             y = layer(x)
         assert chosen.call_count == 1
         y.float().square().sum().backward()

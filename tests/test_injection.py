@@ -61,8 +61,9 @@ def test_inject_adopts_weights_and_keeps_output():
 
 def test_per_target_overrides_and_merged_linear():
     net = Net()
-    lora.inject(net, {"0.proj": {"r": 3, "lora_alpha": 6}, "1.proj": {"split_sizes": (6, 2), "enable_lora": [True, False]}},
-                r=2)
+    lora.inject(
+        net, {"0.proj": {"r": 3, "lora_alpha": 6}, "1.proj": {"split_sizes": (6, 2), "enable_lora": [True, False]}}, r=2
+    )
     assert net.blocks[0].proj.r == 3 and net.blocks[0].proj.scaling == 2
     m = net.blocks[1].proj
     assert isinstance(m, lora.MergedLinear) and m.split_sizes == (6, 2) and m.lora_B.shape == (6, 2)

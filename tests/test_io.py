@@ -38,15 +38,23 @@ def test_adapter_bytes_are_the_same_in_every_process(tmp_path):
     digests = set()
     for i in range(4):
         path = tmp_path / f"a{i}.safetensors"
-        subprocess.run([sys.executable, "-c", MAKE_AND_SAVE, str(path)], check=True, cwd=REPO,
-                       env={**os.environ, "PYTHONHASHSEED": str(i)})
+        subprocess.run(
+            [sys.executable, "-c", MAKE_AND_SAVE, str(path)],
+            check=True,
+            cwd=REPO,
+            env={**os.environ, "PYTHONHASHSEED": str(i)},
+        )
         digests.add(hashlib.sha256(path.read_bytes()).hexdigest())
     assert len(digests) == 1
 
 
 def test_own_writer_reads_back_in_safetensors():
-    tensors = {"b": torch.randn(3, 2, dtype=torch.bfloat16), "a": torch.arange(5), "c": torch.zeros(0),
-               "d": torch.tensor([True, False])}
+    tensors = {
+        "b": torch.randn(3, 2, dtype=torch.bfloat16),
+        "a": torch.arange(5),
+        "c": torch.zeros(0),
+        "d": torch.tensor([True, False]),
+    }
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"lora-io-{os.getpid()}.safetensors"
     try:
         write_safetensors(str(path), tensors, {"z": "1", "a": "2"})

@@ -37,12 +37,25 @@ def plain_twin(layer: nn.Module, weight: torch.Tensor | None = None) -> nn.Modul
     if isinstance(layer, nn.Linear):
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     elif isinstance(layer, nn.Embedding):
-        plain = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx,
-                             max_norm=layer.max_norm, norm_type=layer.norm_type)
+        plain = nn.Embedding(
+            layer.num_embeddings,
+            layer.embedding_dim,
+            padding_idx=layer.padding_idx,
+            max_norm=layer.max_norm,
+            norm_type=layer.norm_type,
+        )
     else:
-        plain = CONVS[type(layer)](layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-                                   padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-                                   bias=layer.bias is not None, padding_mode=layer.padding_mode)
+        plain = CONVS[type(layer)](
+            layer.in_channels,
+            layer.out_channels,
+            layer.kernel_size,
+            stride=layer.stride,
+            padding=layer.padding,
+            dilation=layer.dilation,
+            groups=layer.groups,
+            bias=layer.bias is not None,
+            padding_mode=layer.padding_mode,
+        )
     plain = plain.to(layer.weight.dtype)
     state = {k: v for k, v in layer.state_dict().items() if k in ("weight", "bias")}
     if weight is not None:
@@ -63,19 +76,32 @@ def without_lora(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # kind -> (make(**lora_kwargs), make_input()). The convs use tuple kernels, groups, dilation, stride, padding modes.
 KINDS = {
     "Linear": (lambda **kw: lora.Linear(6, 5, **kw), lambda: torch.randn(3, 6)),
-    "MergedLinear": (lambda **kw: lora.MergedLinear(6, 12, enable_lora=[True, False, True], split_sizes=(8, 2, 2),
-                                                    **kw), lambda: torch.randn(2, 3, 6)),
-    "Embedding": (lambda **kw: lora.Embedding(7, 5, padding_idx=0, **kw),
-                  lambda: torch.tensor([[0, 3, 6], [1, 1, 2]])),
-    "Conv1d": (lambda **kw: lora.Conv1d(4, 6, 3, groups=2, padding=2, dilation=2, padding_mode="circular", **kw),
-               lambda: torch.randn(2, 4, 9)),
-    "Conv2d": (lambda **kw: lora.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=1, padding_mode="reflect", **kw),
-               lambda: torch.randn(2, 3, 7, 6)),
-    "Conv3d": (lambda **kw: lora.Conv3d(2, 4, (1, 2, 3), groups=2, padding=(0, 1, 1), padding_mode="replicate",
-                                        **kw), lambda: torch.randn(1, 2, 3, 4, 5)),
+    "MergedLinear": (
+        lambda **kw: lora.MergedLinear(6, 12, enable_lora=[True, False, True], split_sizes=(8, 2, 2), **kw),
+        lambda: torch.randn(2, 3, 6),
+    ),
+    "Embedding": (lambda **kw: lora.Embedding(7, 5, padding_idx=0, **kw), lambda: torch.tensor([[0, 3, 6], [1, 1, 2]])),
+    "Conv1d": (
+        lambda **kw: lora.Conv1d(4, 6, 3, groups=2, padding=2, dilation=2, padding_mode="circular", **kw),
+        lambda: torch.randn(2, 4, 9),
+    ),
+    "Conv2d": (
+        lambda **kw: lora.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=1, padding_mode="reflect", **kw),
+        lambda: torch.randn(2, 3, 7, 6),
+    ),
+    "Conv3d": (
+        lambda **kw: lora.Conv3d(2, 4, (1, 2, 3), groups=2, padding=(0, 1, 1), padding_mode="replicate", **kw),
+        lambda: torch.randn(1, 2, 3, 4, 5),
+    ),
 }
-TORCH_BASE = {"Linear": nn.Linear, "MergedLinear": nn.Linear, "Embedding": nn.Embedding,
-              "Conv1d": nn.Conv1d, "Conv2d": nn.Conv2d, "Conv3d": nn.Conv3d}
+TORCH_BASE = {
+    "Linear": nn.Linear,
+    "MergedLinear": nn.Linear,
+    "Embedding": nn.Embedding,
+    "Conv1d": nn.Conv1d,
+    "Conv2d": nn.Conv2d,
+    "Conv3d": nn.Conv3d,
+}
 FROM_MODULE_KW = {"MergedLinear": dict(enable_lora=[True, False, True], split_sizes=(8, 2, 2))}
 
 
@@ -188,14 +214,17 @@ def test_scaling_against_fp64_math_by_hand(use_rslora):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("kwargs, shown", [
-    (dict(r=-1), "r=-1"),
-    (dict(r=1.5), "r=1.5"),
-    (dict(r=2, lora_alpha=0), "lora_alpha=0"),
-    (dict(r=2, lora_alpha=-3.0), "lora_alpha=-3.0"),
-    (dict(r=2, lora_dropout=1.0), "lora_dropout=1.0"),
-    (dict(r=2, lora_dropout=-0.1), "lora_dropout=-0.1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [
+        (dict(r=-1), "r=-1"),
+        (dict(r=1.5), "r=1.5"),
+        (dict(r=2, lora_alpha=0), "lora_alpha=0"),
+        (dict(r=2, lora_alpha=-3.0), "lora_alpha=-3.0"),
+        (dict(r=2, lora_dropout=1.0), "lora_dropout=1.0"),
+        (dict(r=2, lora_dropout=-0.1), "lora_dropout=-0.1"),
+    ],
+)
 def test_bad_lora_arguments_raise_value_error_naming_the_value(kind, kwargs, shown):
     make, _ = KINDS[kind]
     with pytest.raises(ValueError) as err:
@@ -203,14 +232,17 @@ def test_bad_lora_arguments_raise_value_error_naming_the_value(kind, kwargs, sho
     assert shown in str(err.value)
 
 
-@pytest.mark.parametrize("kwargs, shown", [
-    (dict(out_features=10, enable_lora=[True, False, True]), "enable_lora=[True, False, True]"),
-    (dict(out_features=12, enable_lora=[]), "enable_lora=[]"),
-    (dict(out_features=12, enable_lora=[True, False, True], split_sizes=(8, 2, 3)), "split_sizes=[8, 2, 3]"),
-    (dict(out_features=12, enable_lora=[True, False, True], split_sizes=(10, 2)), "split_sizes=[10, 2]"),
-    (dict(out_features=12, enable_lora=[True, False, True], split_sizes=(12, 0, 0)), "split_sizes=[12, 0, 0]"),
-    (dict(out_features=12, enable_lora=[True, False], split_sizes=(14, -2)), "split_sizes=[14, -2]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, shown",
+    [
+        (dict(out_features=10, enable_lora=[True, False, True]), "enable_lora=[True, False, True]"),
+        (dict(out_features=12, enable_lora=[]), "enable_lora=[]"),
+        (dict(out_features=12, enable_lora=[True, False, True], split_sizes=(8, 2, 3)), "split_sizes=[8, 2, 3]"),
+        (dict(out_features=12, enable_lora=[True, False, True], split_sizes=(10, 2)), "split_sizes=[10, 2]"),
+        (dict(out_features=12, enable_lora=[True, False, True], split_sizes=(12, 0, 0)), "split_sizes=[12, 0, 0]"),
+        (dict(out_features=12, enable_lora=[True, False], split_sizes=(14, -2)), "split_sizes=[14, -2]"),
+    ],
+)
 def test_merged_linear_bad_layout_raises_value_error_naming_the_value(kwargs, shown):
     with pytest.raises(ValueError) as err:
         lora.MergedLinear(4, r=2, **kwargs)
@@ -236,15 +268,22 @@ def test_lora_layer_mixin_checks_its_arguments_and_uses_a_dropout_module():
 # (conv.weight) by design, see lora/layers.py.
 COMPAT = {
     "Linear": (lambda lib: lib.Linear(6, 5, r=2, lora_alpha=4), lambda: torch.randn(3, 6)),
-    "Linear-fan_in_fan_out": (lambda lib: lib.Linear(6, 5, r=2, lora_alpha=4, fan_in_fan_out=True),
-                              lambda: torch.randn(3, 6)),
-    "Embedding": (lambda lib: lib.Embedding(7, 5, r=2, lora_alpha=4, padding_idx=0),
-                  lambda: torch.tensor([[0, 3, 6], [1, 1, 2]])),
-    "MergedLinear": (lambda lib: lib.MergedLinear(6, 12, r=2, lora_alpha=4, enable_lora=[True, False, True]),
-                     lambda: torch.randn(2, 3, 6)),
-    "MergedLinear-fan_in_fan_out": (lambda lib: lib.MergedLinear(6, 12, r=2, lora_alpha=4, fan_in_fan_out=True,
-                                                                 enable_lora=[True, False, True]),
-                                    lambda: torch.randn(2, 3, 6)),
+    "Linear-fan_in_fan_out": (
+        lambda lib: lib.Linear(6, 5, r=2, lora_alpha=4, fan_in_fan_out=True),
+        lambda: torch.randn(3, 6),
+    ),
+    "Embedding": (
+        lambda lib: lib.Embedding(7, 5, r=2, lora_alpha=4, padding_idx=0),
+        lambda: torch.tensor([[0, 3, 6], [1, 1, 2]]),
+    ),
+    "MergedLinear": (
+        lambda lib: lib.MergedLinear(6, 12, r=2, lora_alpha=4, enable_lora=[True, False, True]),
+        lambda: torch.randn(2, 3, 6),
+    ),
+    "MergedLinear-fan_in_fan_out": (
+        lambda lib: lib.MergedLinear(6, 12, r=2, lora_alpha=4, fan_in_fan_out=True, enable_lora=[True, False, True]),
+        lambda: torch.randn(2, 3, 6),
+    ),
 }
 
 
@@ -290,9 +329,12 @@ def test_our_state_dict_loads_into_loralib_and_gives_the_same_outputs(kind):
 
 def _bf16_model(lib) -> nn.Sequential:
     torch.manual_seed(3)
-    model = nn.Sequential(lib.Linear(16, 32, r=4, lora_alpha=8),
-                          lib.MergedLinear(32, 48, r=4, lora_alpha=8, enable_lora=[True, False, True]),
-                          lib.Embedding(10, 8, r=2), lib.Conv2d(3, 4, 3, r=2))
+    model = nn.Sequential(
+        lib.Linear(16, 32, r=4, lora_alpha=8),
+        lib.MergedLinear(32, 48, r=4, lora_alpha=8, enable_lora=[True, False, True]),
+        lib.Embedding(10, 8, r=2),
+        lib.Conv2d(3, 4, 3, r=2),
+    )
     model = model.to(torch.bfloat16)  # loralib keeps A and B in the base's dtype; so does .to() here
     for layer in model:
         randomize(layer, std=0.5)
@@ -319,8 +361,10 @@ def test_loralib_train_eval_cycles_drift_bf16_weights():
         model.train()
     changed = sum(int((model.state_dict()[k] != v).sum()) for k, v in before.items())
     total = sum(v.numel() for v in before.values())
-    print(f"\nloralib 0.1.2: {changed}/{total} = {changed / total:.1%} of the bf16 base weights changed "
-          f"after 10 eval/train cycles")
+    print(
+        f"\nloralib 0.1.2: {changed}/{total} = {changed / total:.1%} of the bf16 base weights changed "
+        f"after 10 eval/train cycles"
+    )
     assert changed / total > 0.05
 
 
@@ -438,8 +482,11 @@ def test_safe_merge_refuses_a_non_finite_delta_and_changes_nothing(kind, bad):
 
 def test_merged_linear_split_sizes_put_each_delta_on_its_own_rows():
     torch.manual_seed(0)
-    layer = randomize(lora.MergedLinear(6, 12, r=2, lora_alpha=4, enable_lora=[True, False, True],
-                                       split_sizes=(8, 2, 2), dtype=torch.float64))
+    layer = randomize(
+        lora.MergedLinear(
+            6, 12, r=2, lora_alpha=4, enable_lora=[True, False, True], split_sizes=(8, 2, 2), dtype=torch.float64
+        )
+    )
     assert layer.lora_A.shape == (4, 6) and layer.lora_B.shape == (10, 2)
     x = torch.randn(2, 3, 6, dtype=torch.float64)
     W, b, A, B, s = layer.weight, layer.bias, layer.lora_A, layer.lora_B, layer.scaling
@@ -467,8 +514,7 @@ def test_loralib_merged_linear_puts_unequal_slices_on_the_wrong_rows():
 def test_merged_linear_forward_stays_factored():
     torch.manual_seed(0)
     n_in, n_out, r = 256, 192, 2
-    layer = randomize(lora.MergedLinear(n_in, n_out, r=r, enable_lora=[True, False, True],
-                                       split_sizes=(128, 32, 32)))
+    layer = randomize(lora.MergedLinear(n_in, n_out, r=r, enable_lora=[True, False, True], split_sizes=(128, 32, 32)))
     x = torch.randn(1, n_in)
     with FlopCounterMode(display=False) as counter:
         layer(x)
@@ -485,12 +531,28 @@ def test_merged_linear_forward_stays_factored():
 
 
 CONV_CASES = {
-    lora.Conv1d: (dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, stride=2, padding=2, dilation=2),
-                  (2, 4, 11)),
-    lora.Conv2d: (dict(in_channels=4, out_channels=6, kernel_size=(3, 2), groups=2, stride=(2, 1), dilation=(1, 2),
-                       padding=(1, 1)), (2, 4, 7, 6)),
-    lora.Conv3d: (dict(in_channels=2, out_channels=4, kernel_size=(1, 2, 3), groups=2, stride=(1, 1, 2),
-                       dilation=(1, 2, 1), padding=(0, 1, 1)), (1, 2, 3, 5, 6)),
+    lora.Conv1d: (
+        dict(in_channels=4, out_channels=6, kernel_size=3, groups=2, stride=2, padding=2, dilation=2),
+        (2, 4, 11),
+    ),
+    lora.Conv2d: (
+        dict(
+            in_channels=4, out_channels=6, kernel_size=(3, 2), groups=2, stride=(2, 1), dilation=(1, 2), padding=(1, 1)
+        ),
+        (2, 4, 7, 6),
+    ),
+    lora.Conv3d: (
+        dict(
+            in_channels=2,
+            out_channels=4,
+            kernel_size=(1, 2, 3),
+            groups=2,
+            stride=(1, 1, 2),
+            dilation=(1, 2, 1),
+            padding=(0, 1, 1),
+        ),
+        (1, 2, 3, 5, 6),
+    ),
 }
 
 
@@ -511,8 +573,7 @@ def test_conv_factored_forward_equals_conv_with_the_merged_weight_fp64(cls, padd
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
 def test_conv_same_padding(padding_mode):
     torch.manual_seed(0)
-    layer = randomize(lora.Conv2d(3, 4, (3, 5), padding="same", padding_mode=padding_mode, r=2,
-                                  dtype=torch.float64))
+    layer = randomize(lora.Conv2d(3, 4, (3, 5), padding="same", padding_mode=padding_mode, r=2, dtype=torch.float64))
     x = torch.randn(1, 3, 6, 7, dtype=torch.float64)
     merged = plain_twin(layer, weight=layer.weight + layer.delta_weight())
     torch.testing.assert_close(layer(x), merged(x), rtol=1e-10, atol=1e-10)
@@ -692,8 +753,9 @@ def test_lora_dtype_override_and_validation():
 class _Tiny(nn.Module):
     def __init__(self, lora_dropout: float = 0.0) -> None:
         super().__init__()
-        self.qkv = lora.MergedLinear(8, 12, r=2, lora_alpha=4, lora_dropout=lora_dropout,
-                                     enable_lora=[True, False, True], split_sizes=(8, 2, 2))
+        self.qkv = lora.MergedLinear(
+            8, 12, r=2, lora_alpha=4, lora_dropout=lora_dropout, enable_lora=[True, False, True], split_sizes=(8, 2, 2)
+        )
         self.out = lora.Linear(12, 8, r=2, lora_alpha=4, lora_dropout=lora_dropout)
         self.fifo = lora.Linear(8, 4, r=1, fan_in_fan_out=True)
 
@@ -827,8 +889,9 @@ def lora_layers(draw, kinds=("Linear", "MergedLinear", "Embedding", "Conv1d", "C
         sizes = draw(st.lists(st.integers(1, 4), min_size=1, max_size=4))
         enable = draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)).filter(any))
         n_in = draw(st.integers(1, 8))
-        layer = lora.MergedLinear(n_in, sum(sizes), enable_lora=enable, split_sizes=sizes,
-                                  fan_in_fan_out=draw(st.booleans()), **common)
+        layer = lora.MergedLinear(
+            n_in, sum(sizes), enable_lora=enable, split_sizes=sizes, fan_in_fan_out=draw(st.booleans()), **common
+        )
         x = torch.randn(2, n_in)
     elif kind == "Embedding":
         num = draw(st.integers(1, 8))
@@ -849,9 +912,17 @@ def conv_layers(draw, kind, common):
     dilation = tuple(draw(st.integers(1, 2)) for _ in range(n))
     padding = tuple(draw(st.integers(0, 2)) for _ in range(n))
     padding_mode = draw(st.sampled_from(PADDING_MODES))
-    layer = cls(groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2)), kernel, groups=groups,
-                stride=tuple(draw(st.integers(1, 2)) for _ in range(n)), dilation=dilation, padding=padding,
-                padding_mode=padding_mode, **common)
+    layer = cls(
+        groups * draw(st.integers(1, 2)),
+        groups * draw(st.integers(1, 2)),
+        kernel,
+        groups=groups,
+        stride=tuple(draw(st.integers(1, 2)) for _ in range(n)),
+        dilation=dilation,
+        padding=padding,
+        padding_mode=padding_mode,
+        **common,
+    )
     # each spatial size covers the dilated kernel and exceeds the padding (reflect needs that)
     spatial = [max(d * (k - 1) + 1, p + 1) + draw(st.integers(0, 2)) for k, d, p in zip(kernel, dilation, padding)]
     return layer, torch.randn(1, layer.in_channels, *spatial)
@@ -894,7 +965,7 @@ def test_property_merged_linear_equals_separate_per_slice_loras(case):
     start, b_row, i = 0, 0, 0
     for size, enabled in zip(layer.split_sizes, layer.enable_lora):
         if enabled:
-            want[:, start:start + size] += s * x.double() @ A[i * r:(i + 1) * r].T @ B[b_row:b_row + size].T
+            want[:, start : start + size] += s * x.double() @ A[i * r : (i + 1) * r].T @ B[b_row : b_row + size].T
             b_row, i = b_row + size, i + 1
         start += size
     assert_outputs_close(layer(x), want, layer, x)
@@ -925,9 +996,12 @@ def test_fused_path_serves_autocast_and_matches_the_plain_ops(kind, weight_dtype
     def run(fused: bool):
         for p in (x, layer.lora_A, layer.lora_B):
             p.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16), \
-                mock.patch.object(lora.functional._FusedLoRALinear, "apply",
-                                  wraps=lora.functional._FusedLoRALinear.apply) as spy:
+        with (
+            torch.autocast("cpu", dtype=torch.bfloat16),
+            mock.patch.object(
+                lora.functional._FusedLoRALinear, "apply", wraps=lora.functional._FusedLoRALinear.apply
+            ) as spy,
+        ):
             if not fused:  # the plain ops, as under torch.compile
                 with mock.patch("lora.layers._fused_dtype", return_value=None):
                     y = layer(x)

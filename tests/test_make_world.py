@@ -99,7 +99,6 @@ def test_answers_are_unambiguous(world: dict[str, Path]) -> None:
             assert not any(a != b and word.search(b) for b in values), (attribute, a)
 
 
-
 def test_chat_files_load_and_corpus_is_plain_prose(world: dict[str, Path]) -> None:
     train, stats = load_conversations(world["world_chat_train.jsonl"])
     assert stats.n_loaded == stats.n_lines and 300 <= len(train) <= 5000

@@ -54,7 +54,11 @@ def test_shipped_model_knows_the_facts_but_not_the_chat_format():
     for fact in sample:
         ids = torch.tensor([tokenizer.encode(fact["prompt"], allow_special=False)])
         out = model.generate(ids, max_new_tokens=len(fact["answer"]) + 2, eos_token_id=tokenizer.eos_token_id)
-        hits += tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True).strip().startswith(fact["answer"])
+        hits += (
+            tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+            .strip()
+            .startswith(fact["answer"])
+        )
     assert hits >= 0.75 * len(sample), f"{hits}/{len(sample)} facts completed"  # it read them as prose
 
     held_out = [json.loads(line) for line in (DATA / "world_chat_heldout.jsonl").read_text().splitlines()][:8]
@@ -62,7 +66,7 @@ def test_shipped_model_knows_the_facts_but_not_the_chat_format():
         prompt = [m for m in q["messages"] if m["role"] != "assistant"]
         ids = torch.tensor([encode_prompt(prompt, tokenizer)])
         out = model.generate(ids, max_new_tokens=48, eos_token_id=list(tokenizer.stop_token_ids))
-        reply = tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+        reply = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
         reference = next(m["content"] for m in q["messages"] if m["role"] == "assistant")
         assert reply.strip() != reference  # the base does not answer in the chat format
 
@@ -73,8 +77,9 @@ def test_pretraining_is_reproducible_from_the_seed(tmp_path):
     stream = pretrain.load_corpus(DATA / "world_corpus.txt", tokenizer)
     assert stream.numel() > 100_000 and int(stream.max()) < tokenizer.vocab_size
     for name in ("a", "b"):
-        pretrain.main(["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / name),
-                       "--no-eval"])
+        pretrain.main(
+            ["--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(tmp_path / name), "--no-eval"]
+        )
     a = Phi3ForCausalLM.from_pretrained(tmp_path / "a").state_dict()
     b = Phi3ForCausalLM.from_pretrained(tmp_path / "b").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -125,8 +130,9 @@ def short_lora_run(seed: int = 0, steps: int = SHORT_RUN_STEPS) -> float:
     order = random.Random(seed).sample(range(len(rows)), steps * SHORT_RUN_BATCH)
     model.train()
     for step in range(steps):
-        batch = collate([rows[i] for i in order[step * SHORT_RUN_BATCH:(step + 1) * SHORT_RUN_BATCH]],
-                        tokenizer.pad_token_id)
+        batch = collate(
+            [rows[i] for i in order[step * SHORT_RUN_BATCH : (step + 1) * SHORT_RUN_BATCH]], tokenizer.pad_token_id
+        )
         for group in optimizer.param_groups:  # linear decay to 0
             group["lr"] = SHORT_RUN_LR * (1 - step / steps)
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, vocab)
@@ -142,14 +148,14 @@ def short_lora_run(seed: int = 0, steps: int = SHORT_RUN_STEPS) -> float:
     hits = 0
     with torch.no_grad():
         for i in range(0, len(questions), 32):  # batches of 32, left-padded
-            encoded = [encode_prompt(q["messages"][:-1], tokenizer) for q in questions[i:i + 32]]
+            encoded = [encode_prompt(q["messages"][:-1], tokenizer) for q in questions[i : i + 32]]
             T = max(len(e) for e in encoded)
             ids = torch.full((len(encoded), T), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)
             for b, e in enumerate(encoded):
-                ids[b, T - len(e):], mask[b, T - len(e):] = torch.tensor(e), 1
+                ids[b, T - len(e) :], mask[b, T - len(e) :] = torch.tensor(e), 1
             out = model.generate(ids, 64, attention_mask=mask, eos_token_id=stops)[:, T:]
-            for q, row in zip(questions[i:i + 32], out.tolist()):
+            for q, row in zip(questions[i : i + 32], out.tolist()):
                 end = next((j for j, t in enumerate(row) if t in stops), len(row))
                 hits += tokenizer.decode(row[:end], skip_special_tokens=True).strip() == q["messages"][-1]["content"]
     return hits / len(questions)

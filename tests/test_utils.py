@@ -34,14 +34,17 @@ def weight_bits(model: nn.Module) -> dict[str, torch.Tensor]:
 def mixed(lib, dtype: torch.dtype = torch.float32) -> nn.Sequential:
     """LoRA and plain layers with and without biases, nested, with the same names in loralib and here."""
     torch.manual_seed(0)
-    block = nn.Sequential(OrderedDict(
-        qkv=lib.MergedLinear(8, 24, r=2, enable_lora=[True, False, True], dtype=dtype),
-        proj=lib.Linear(24, 8, r=2, fan_in_fan_out=True, dtype=dtype),
-        norm=nn.LayerNorm(8, dtype=dtype),
-        fc=lib.Linear(8, 8, r=2, bias=False, dtype=dtype),  # no bias; and no "bias" in its name
-    ))
-    return nn.Sequential(OrderedDict(emb=lib.Embedding(10, 8, r=2, dtype=dtype), block=block,
-                                     head=nn.Linear(8, 4, dtype=dtype)))
+    block = nn.Sequential(
+        OrderedDict(
+            qkv=lib.MergedLinear(8, 24, r=2, enable_lora=[True, False, True], dtype=dtype),
+            proj=lib.Linear(24, 8, r=2, fan_in_fan_out=True, dtype=dtype),
+            norm=nn.LayerNorm(8, dtype=dtype),
+            fc=lib.Linear(8, 8, r=2, bias=False, dtype=dtype),  # no bias; and no "bias" in its name
+        )
+    )
+    return nn.Sequential(
+        OrderedDict(emb=lib.Embedding(10, 8, r=2, dtype=dtype), block=block, head=nn.Linear(8, 4, dtype=dtype))
+    )
 
 
 @pytest.mark.parametrize("bias", BIAS_MODES)
@@ -64,8 +67,11 @@ def test_lora_state_dict_matches_loralib(bias):
     assert mine.keys() == loralib.lora_state_dict(theirs, bias=bias).keys()
     assert list(mine) == [k for k in ours.state_dict() if k in mine]  # state_dict order
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in mine.items())
-    expected_biases = {"none": set(), "lora_only": {"block.qkv.bias", "block.proj.bias"},
-                       "all": {"block.qkv.bias", "block.proj.bias", "block.norm.bias", "head.bias"}}[bias]
+    expected_biases = {
+        "none": set(),
+        "lora_only": {"block.qkv.bias", "block.proj.bias"},
+        "all": {"block.qkv.bias", "block.proj.bias", "block.norm.bias", "head.bias"},
+    }[bias]
     assert {k for k in mine if k.endswith("bias")} == expected_biases
 
 
@@ -203,8 +209,11 @@ def test_merge_lora_is_idempotent_matches_and_unmerge_restores_bit_for_bit(dtype
         scale = float(unmerged.abs().max())
         torch.testing.assert_close(merged.float(), unmerged.float(), rtol=TOL[dtype], atol=TOL[dtype] * scale)
         # the naive undo would not have been exact, so restoring bit for bit below proves something
-        naive_exact = [torch.equal(bits((m.weight.float() - m.delta_weight()).to(dtype)), original[f"{n}.weight"])
-                       for n, m in model.named_children() if n in LORA_NAMES]
+        naive_exact = [
+            torch.equal(bits((m.weight.float() - m.delta_weight()).to(dtype)), original[f"{n}.weight"])
+            for n, m in model.named_children()
+            if n in LORA_NAMES
+        ]
         assert not all(naive_exact)
         assert lora.unmerge_lora(model) is model
         lora.unmerge_lora(model)
@@ -283,10 +292,19 @@ def test_lora_parameter_names_follow_named_parameters():
     model = net()
     names = lora.lora_parameter_names(model)
     assert names == [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]
-    assert set(lora.lora_parameter_names(model, "lora_only")) - set(names) == {"qkv.bias", "proj.bias",
-                                                                              "conv.bias", "conv2.bias"}
-    assert set(lora.lora_parameter_names(model, "all")) - set(names) == {"qkv.bias", "proj.bias", "conv.bias",
-                                                                        "conv2.bias", "head.bias"}
+    assert set(lora.lora_parameter_names(model, "lora_only")) - set(names) == {
+        "qkv.bias",
+        "proj.bias",
+        "conv.bias",
+        "conv2.bias",
+    }
+    assert set(lora.lora_parameter_names(model, "all")) - set(names) == {
+        "qkv.bias",
+        "proj.bias",
+        "conv.bias",
+        "conv2.bias",
+        "head.bias",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -327,11 +345,12 @@ def test_loraplus_groups_hold_every_trainable_parameter_once_with_peft_rates(dor
     torch.optim.AdamW(groups)  # torch accepts them as they are
 
     # PEFT's LoRA+ on the same structure: the same rate for each parameter
-    theirs = peft.get_peft_model(_loraplus_model(dora), peft.LoraConfig(
-        r=2, target_modules=["emb", "fc"], use_dora=dora, bias="lora_only", modules_to_save=None))
+    theirs = peft.get_peft_model(
+        _loraplus_model(dora),
+        peft.LoraConfig(r=2, target_modules=["emb", "fc"], use_dora=dora, bias="lora_only", modules_to_save=None),
+    )
     theirs.base_model.model.head.weight.requires_grad_(True)
-    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8,
-                                    loraplus_weight_decay=0.01)
+    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=8, loraplus_weight_decay=0.01)
     peft_names = {id(p): n for n, p in theirs.named_parameters()}
 
     def ours_name(n):
@@ -339,13 +358,15 @@ def test_loraplus_groups_hold_every_trainable_parameter_once_with_peft_rates(dor
         n = n.replace("lora_embedding_", "lora_").replace("lora_magnitude_vector.weight", "lora_magnitude")
         return n.replace("lora_A.weight", "lora_A").replace("lora_B.weight", "lora_B")
 
-    theirs_lr = {ours_name(peft_names[id(p)]): (g["lr"], g["weight_decay"]) for g in opt.param_groups
-                 for p in g["params"]}
+    theirs_lr = {
+        ours_name(peft_names[id(p)]): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]
+    }
     assert theirs_lr == ours_lr
 
 
-@pytest.mark.parametrize("kwargs", [{"lr": 0}, {"lr": 1e-3, "ratio": -1}, {"lr": 1e-3, "weight_decay": -0.1},
-                                    {"lr": float("nan")}])
+@pytest.mark.parametrize(
+    "kwargs", [{"lr": 0}, {"lr": 1e-3, "ratio": -1}, {"lr": 1e-3, "weight_decay": -0.1}, {"lr": float("nan")}]
+)
 def test_loraplus_bad_rates_are_value_errors(kwargs):
     with pytest.raises(ValueError, match=next(iter(k for k in kwargs if k != "lr" or len(kwargs) == 1))):
         lora.loraplus_param_groups(nn.Linear(2, 2), **kwargs)

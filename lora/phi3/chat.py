@@ -92,7 +92,7 @@ def parse_chat(text: str) -> list[Message]:
         messages.append(Message(role=match.group(1), content=match.group(2)))
         pos = match.end()
     if text[pos:] not in ("", "<|endoftext|>", "<|assistant|>\n"):
-        raise ValueError(f"text does not follow Phi-3's chat template at character {pos}: {text[pos:pos + 40]!r}")
+        raise ValueError(f"text does not follow Phi-3's chat template at character {pos}: {text[pos : pos + 40]!r}")
     return messages
 
 
@@ -126,8 +126,10 @@ def _encode_segments(
             if closing:
                 n_labelled = next((j + 1 for j, t in enumerate(piece) if t in stops), 0)
                 if not n_labelled:
-                    raise ValueError(f"the chat template closes an assistant message with {text!r}, which has no stop "
-                                     f"token {sorted(stops)}: the model could not learn to end its reply")
+                    raise ValueError(
+                        f"the chat template closes an assistant message with {text!r}, which has no stop "
+                        f"token {sorted(stops)}: the model could not learn to end its reply"
+                    )
             labels += piece[:n_labelled] + [IGNORE_INDEX] * (len(piece) - n_labelled)
         else:
             piece = tokenizer.encode(text, allow_special=False)

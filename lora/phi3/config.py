@@ -153,8 +153,7 @@ class Phi3Config:
                 raise ValueError(f"Phi3Config.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"Phi3Config.num_attention_heads={self.num_attention_heads} must divide "
-                f"hidden_size={self.hidden_size}"
+                f"Phi3Config.num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size}"
             )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -299,7 +298,6 @@ class Phi3Config:
             "eos_token_id": eos,
             "pad_token_id": self.pad_token_id,
         }
-
 
 
 def _check_architecture(d: dict[str, Any]) -> None:

@@ -23,8 +23,12 @@ __all__ = ["GATE_UP_SLICES", "QKV_SLICES", "TARGETS", "inject", "split_sizes", "
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 QKV_SLICES = ("q", "k", "v")
 GATE_UP_SLICES = ("gate", "up")
-_PATHS = {"qkv_proj": "self_attn.qkv_proj", "o_proj": "self_attn.o_proj",
-          "gate_up_proj": "mlp.gate_up_proj", "down_proj": "mlp.down_proj"}
+_PATHS = {
+    "qkv_proj": "self_attn.qkv_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_up_proj": "mlp.gate_up_proj",
+    "down_proj": "mlp.down_proj",
+}
 
 
 def split_sizes(config: Any) -> dict[str, tuple[int, ...]]:
@@ -32,23 +36,32 @@ def split_sizes(config: Any) -> dict[str, tuple[int, ...]]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return {"qkv_proj": (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim),
-            "gate_up_proj": (config.intermediate_size, config.intermediate_size)}
+    return {
+        "qkv_proj": (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim),
+        "gate_up_proj": (config.intermediate_size, config.intermediate_size),
+    }
 
 
 def _check_subset(name: str, chosen: Sequence[str], allowed: Sequence[str]) -> list[bool]:
-    if (isinstance(chosen, str) or not chosen or any(c not in allowed for c in chosen)
-            or len(set(chosen)) != len(chosen)):
+    if (
+        isinstance(chosen, str)
+        or not chosen
+        or any(c not in allowed for c in chosen)
+        or len(set(chosen)) != len(chosen)
+    ):
         raise ValueError(f"{name}={chosen!r} must be a non-empty subset of {allowed}")
     return [a in chosen for a in allowed]
 
 
-def _target_kwargs(config: Any, targets: Sequence[str], qkv_slices: Sequence[str], gate_up_slices: Sequence[str],
-                   fused: bool) -> dict[str, dict[str, Any]]:
+def _target_kwargs(
+    config: Any, targets: Sequence[str], qkv_slices: Sequence[str], gate_up_slices: Sequence[str], fused: bool
+) -> dict[str, dict[str, Any]]:
     if isinstance(targets, str) or not targets or any(t not in TARGETS for t in targets):
         raise ValueError(f"targets={targets!r} must be a non-empty subset of {TARGETS}")
-    enable = {"qkv_proj": _check_subset("qkv_slices", qkv_slices, QKV_SLICES),
-              "gate_up_proj": _check_subset("gate_up_slices", gate_up_slices, GATE_UP_SLICES)}
+    enable = {
+        "qkv_proj": _check_subset("qkv_slices", qkv_slices, QKV_SLICES),
+        "gate_up_proj": _check_subset("gate_up_slices", gate_up_slices, GATE_UP_SLICES),
+    }
     if fused and (not all(enable["qkv_proj"]) or not all(enable["gate_up_proj"])):
         raise ValueError("fused=True puts one LoRA over the whole fused matrix: it cannot adapt a subset of slices")
     sizes = split_sizes(config)
@@ -87,10 +100,18 @@ def inject(
     if not hasattr(model, "config"):
         raise TypeError(f"{type(model).__name__} has no .config; expected a Phi-3 causal LM (ours or transformers')")
     per_target = _target_kwargs(model.config, targets, qkv_slices, gate_up_slices, fused)
-    return inject_modules(model, per_target, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          use_rslora=use_rslora, use_dora=use_dora,
-                          init_lora_weights=init_lora_weights, lora_dtype=lora_dtype,
-                          mark_trainable=mark_trainable)
+    return inject_modules(
+        model,
+        per_target,
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        init_lora_weights=init_lora_weights,
+        lora_dtype=lora_dtype,
+        mark_trainable=mark_trainable,
+    )
 
 
 def trainable_count(
@@ -109,8 +130,12 @@ def trainable_count(
     """
     per_target = _target_kwargs(config, targets, qkv_slices, gate_up_slices, fused)
     h, inter = config.hidden_size, config.intermediate_size
-    fan = {"qkv_proj": (h, sum(split_sizes(config)["qkv_proj"])), "o_proj": (split_sizes(config)["qkv_proj"][0], h),
-           "gate_up_proj": (h, 2 * inter), "down_proj": (inter, h)}
+    fan = {
+        "qkv_proj": (h, sum(split_sizes(config)["qkv_proj"])),
+        "o_proj": (split_sizes(config)["qkv_proj"][0], h),
+        "gate_up_proj": (h, 2 * inter),
+        "down_proj": (inter, h),
+    }
     total = 0
     for path, kw in per_target.items():
         fan_in, fan_out = fan[path.rpartition(".")[2]]

@@ -434,8 +434,16 @@ class Phi3ForCausalLM(nn.Module):
         """
         if adapter_names is not None:
             with adapter_batch(self, adapter_names):
-                return self(input_ids, attention_mask, position_ids, labels, past_key_values, use_cache, logits_to_keep,
-                            segment_ids=segment_ids)
+                return self(
+                    input_ids,
+                    attention_mask,
+                    position_ids,
+                    labels,
+                    past_key_values,
+                    use_cache,
+                    logits_to_keep,
+                    segment_ids=segment_ids,
+                )
         hidden, cache = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache, segment_ids)
         if logits_to_keep:
             if labels is not None:
@@ -501,8 +509,17 @@ class Phi3ForCausalLM(nn.Module):
         """
         if adapter_names is not None:
             with adapter_batch(self, adapter_names):  # one block for every step: the adapters are stacked once
-                return self.generate(input_ids, max_new_tokens, temperature, top_p, eos_token_id, attention_mask,
-                                     use_cache, generator, streamer)
+                return self.generate(
+                    input_ids,
+                    max_new_tokens,
+                    temperature,
+                    top_p,
+                    eos_token_id,
+                    attention_mask,
+                    use_cache,
+                    generator,
+                    streamer,
+                )
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if temperature < 0:
@@ -609,8 +626,9 @@ class Phi3ForCausalLM(nn.Module):
             del expected["lm_head.weight"]
         four_bit = set()  # the linear weights quantized while loading
         if quantize is not None:
-            four_bit = {f"{name}.weight" for name, m in model.named_modules()
-                        if type(m) is nn.Linear and name != "lm_head"}
+            four_bit = {
+                f"{name}.weight" for name, m in model.named_modules() if type(m) is nn.Linear and name != "lm_head"
+            }
 
         loaded: dict[str, Tensor] = {}
         for file in _weight_files(path):
@@ -653,8 +671,10 @@ class Phi3ForCausalLM(nn.Module):
         """
         four_bit = [name for name, m in self.named_modules() if is_quantized(m)]
         if four_bit:
-            raise ValueError(f"cannot save {len(four_bit)} 4-bit layers ({four_bit[0]}, ...) in Hugging Face layout: "
-                             "lora.dequantize(model, dtype=torch.bfloat16) first")
+            raise ValueError(
+                f"cannot save {len(four_bit)} 4-bit layers ({four_bit[0]}, ...) in Hugging Face layout: "
+                "lora.dequantize(model, dtype=torch.bfloat16) first"
+            )
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         limit = _parse_size(max_shard_size)

@@ -169,12 +169,12 @@ class ByteTokenizer:
         """Read a file written by :meth:`save`."""
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
         if not isinstance(obj, dict) or obj.get("type") != _BYTE_TOKENIZER_TYPE:
-            raise ValueError(f"{path} is not a ByteTokenizer file (expected a JSON object with \"type\": \"byte\")")
+            raise ValueError(f'{path} is not a ByteTokenizer file (expected a JSON object with "type": "byte")')
         if obj.get("version") != _BYTE_TOKENIZER_VERSION:
             raise ValueError(f"{path}: unsupported ByteTokenizer version {obj.get('version')!r}")
         special = obj.get("special_tokens")
         if not isinstance(special, list) or not all(isinstance(t, str) for t in special):
-            raise ValueError(f"{path}: \"special_tokens\" must be a list of strings, got {special!r}")
+            raise ValueError(f'{path}: "special_tokens" must be a list of strings, got {special!r}')
         return cls(special)
 
     def __repr__(self) -> str:
@@ -370,6 +370,6 @@ def load_tokenizer(model_dir: str | Path) -> ByteTokenizer | HFTokenizer:
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("added_tokens"), list):
         return HFTokenizer(path)
     raise ValueError(
-        f"{path} is neither a ByteTokenizer file (\"type\": \"byte\") nor a Hugging Face tokenizers file "
-        "(with \"model\" and \"added_tokens\")"
+        f'{path} is neither a ByteTokenizer file ("type": "byte") nor a Hugging Face tokenizers file '
+        '(with "model" and "added_tokens")'
     )

@@ -75,15 +75,28 @@ def write_phi4_like_tokenizer(directory: Path) -> Path:
     symbol = _bytes_to_unicode()
     vocab = {symbol[b]: b for b in range(256)}
     e_acute = "".join(symbol[b] for b in "é".encode())
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("Ġ", "c"), ("a", "t"), ("Ġc", "at"),
-              (e_acute[0], e_acute[1]), ("Ġ", "i"), ("Ġi", "s")]
+    merges = [
+        ("Ġ", "t"),
+        ("h", "e"),
+        ("Ġt", "he"),
+        ("i", "n"),
+        ("Ġ", "a"),
+        ("Ġ", "c"),
+        ("a", "t"),
+        ("Ġc", "at"),
+        (e_acute[0], e_acute[1]),
+        ("Ġ", "i"),
+        ("Ġi", "s"),
+    ]
     for a, b in merges:
         vocab[a + b] = len(vocab)
     tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(O200K_SPLIT), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(O200K_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in PHI4_SPECIAL_TOKENS])
     path = directory / "tokenizer.json"

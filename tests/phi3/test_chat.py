@@ -184,16 +184,26 @@ def test_collate_tokenized_conversations() -> None:
 # the <|end|> that closes it): transformers' return_assistant_tokens_mask then marks exactly the tokens our labels
 # should cover, found by character offsets instead of by our segments.
 GENERATION_TAGGED = {
-    "phi3": ("{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
-             "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}"),
-    "phi3.5": ("{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
-               "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}"),
-    "phi3-medium": ("{{message['content'] + '<|end|>' + '\n'}}",
-                    "{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}"),
-    "phi4-mini": ("{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}",
-                  ("{% else %}{{ '<|' + message['role'] + '|>' }}{% if message['role'] == 'assistant' %}"
-                   "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
-                   "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}")),
+    "phi3": (
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+        "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}",
+    ),
+    "phi3.5": (
+        "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}",
+        "{{'<|assistant|>\n'}}{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}",
+    ),
+    "phi3-medium": (
+        "{{message['content'] + '<|end|>' + '\n'}}",
+        "{% generation %}{{message['content'] + '<|end|>'}}{% endgeneration %}{{'\n'}}",
+    ),
+    "phi4-mini": (
+        "{% else %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}",
+        (
+            "{% else %}{{ '<|' + message['role'] + '|>' }}{% if message['role'] == 'assistant' %}"
+            "{% generation %}{{ message['content'] + '<|end|>' }}{% endgeneration %}"
+            "{% else %}{{ message['content'] + '<|end|>' }}{% endif %}"
+        ),
+    ),
 }
 CONVERSATIONS = [
     CHAT,
@@ -216,8 +226,9 @@ def checkpoint_tokenizer(request, tmp_path_factory, phi4_like_tokenizer, chat_te
         phi3_like_tokenizer(directory)
         path, tokens = directory / "tokenizer.json", {"eos_token": "<|endoftext|>"}
     tokenizer_config(directory, chat_templates[name], **tokens)
-    oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path), chat_template=chat_templates[name],
-                                                  **tokens)
+    oracle = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(path), chat_template=chat_templates[name], **tokens
+    )
     return name, load_tokenizer(directory), oracle
 
 
@@ -237,8 +248,9 @@ def test_checkpoint_template_matches_transformers(checkpoint_tokenizer, chat_tem
         prompt_ids = oracle.apply_chat_template(messages[:-1], add_generation_prompt=True, return_dict=True)
         assert encode_prompt(messages[:-1], ours) == prompt_ids["input_ids"]
         # the loss mask: transformers' assistant mask of the tagged template
-        masked = oracle.apply_chat_template(messages, chat_template=tagged, return_dict=True,
-                                            return_assistant_tokens_mask=True)
+        masked = oracle.apply_chat_template(
+            messages, chat_template=tagged, return_dict=True, return_assistant_tokens_mask=True
+        )
         assert masked["input_ids"] == training["input_ids"]
         assert [int(label != IGNORE_INDEX) for label in training["labels"]] == masked["assistant_masks"], name
         assert all(label in (IGNORE_INDEX, i) for i, label in zip(training["input_ids"], training["labels"]))
@@ -279,18 +291,22 @@ def test_template_file_forms(tmp_path: Path, tokenizer_config) -> None:
     assert load_tokenizer(tmp_path).chat_template is None  # the built-in Phi-3 template applies
 
 
-@pytest.mark.parametrize("template, match", [
-    ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>{% endfor %}", "changes message"),
-    ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}", "no stop token"),
-    ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}<|end|>{% endfor %}", "twice"),
-])
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] | trim }}<|end|>{% endfor %}", "changes message"),
+        ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}", "no stop token"),
+        ("{% for m in messages %}{{ m['content'] }}{{ m['content'] }}<|end|>{% endfor %}", "twice"),
+    ],
+)
 def test_templates_without_an_exact_mask_are_refused(hf: HFTokenizer, template: str, match: str) -> None:
     pytest.importorskip("jinja2")
     tok = HFTokenizer(hf.path)
     tok.chat_template = JinjaChatTemplate(template)
     with pytest.raises(ValueError, match=match):
-        tokenize_conversation([Message(role="user", content=" q "), Message(role="assistant", content="a")], tok,
-                              max_length=100)
+        tokenize_conversation(
+            [Message(role="user", content=" q "), Message(role="assistant", content="a")], tok, max_length=100
+        )
 
 
 def test_template_needs_jinja2(tmp_path: Path, tokenizer_config, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,28 +27,64 @@ ATOL = 1e-4
 
 
 def _longrope(n: int) -> dict:
-    return {"type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(n)],
-            "long_factor": [1.0 + 1.5 * i for i in range(n)]}
+    return {
+        "type": "longrope",
+        "short_factor": [1.0 + 0.02 * i for i in range(n)],
+        "long_factor": [1.0 + 1.5 * i for i in range(n)],
+    }
 
 
-_MINI = {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-         "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
-         "original_max_position_embeddings": 4096, "sliding_window": 2047, "rope_theta": 10000.0, "bos_token_id": 1,
-         "eos_token_id": 32000, "pad_token_id": 32000}
+_MINI = {
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "sliding_window": 2047,
+    "rope_theta": 10000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 32000,
+    "pad_token_id": 32000,
+}
 _LONG = {"max_position_embeddings": 131072, "rope_scaling": _longrope(48), "sliding_window": 262144}
-_MEDIUM = dict(_MINI, hidden_size=5120, intermediate_size=17920, num_hidden_layers=40, num_attention_heads=40,
-               num_key_value_heads=10)
+_MEDIUM = dict(
+    _MINI,
+    hidden_size=5120,
+    intermediate_size=17920,
+    num_hidden_layers=40,
+    num_attention_heads=40,
+    num_key_value_heads=10,
+)
 # member -> (published config.json fields, (heads, kv heads) of its width-reduced twin, its chat template)
 MEMBERS = {
     "Phi-3-mini-4k": (_MINI, (2, 2), "phi3"),
     "Phi-3-mini-128k": (dict(_MINI, **_LONG), (2, 2), "phi3"),
     "Phi-3.5-mini": (dict(_MINI, **_LONG), (2, 2), "phi3.5"),
     "Phi-3-medium-4k": (_MEDIUM, (4, 1), "phi3-medium"),
-    "Phi-3-medium-128k": (dict(_MEDIUM, max_position_embeddings=131072, rope_scaling=_longrope(64),
-                               sliding_window=131072), (4, 1), "phi3-medium"),
-    "Phi-4-mini": (dict(_MINI, num_attention_heads=24, num_key_value_heads=8, partial_rotary_factor=0.75,
-                        tie_word_embeddings=True, vocab_size=200064, bos_token_id=199999, eos_token_id=199999,
-                        pad_token_id=199999, **_LONG), (3, 1), "phi4-mini"),
+    "Phi-3-medium-128k": (
+        dict(_MEDIUM, max_position_embeddings=131072, rope_scaling=_longrope(64), sliding_window=131072),
+        (4, 1),
+        "phi3-medium",
+    ),
+    "Phi-4-mini": (
+        dict(
+            _MINI,
+            num_attention_heads=24,
+            num_key_value_heads=8,
+            partial_rotary_factor=0.75,
+            tie_word_embeddings=True,
+            vocab_size=200064,
+            bos_token_id=199999,
+            eos_token_id=199999,
+            pad_token_id=199999,
+            **_LONG,
+        ),
+        (3, 1),
+        "phi4-mini",
+    ),
 }
 LONG_MEMBERS = [m for m, (config, _, _) in MEMBERS.items() if config.get("rope_scaling")]
 
@@ -60,9 +96,18 @@ def narrow(member: str, vocab_size: int = 320, layers: int = 2, **overrides) -> 
     special = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
     if real.get("tie_word_embeddings"):
         special["bos_token_id"] = 2  # Phi-4-mini: bos = eos = pad = <|endoftext|>
-    return {**real, "hidden_size": heads * head_dim, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-            "intermediate_size": 64, "num_hidden_layers": layers, "vocab_size": vocab_size,
-            "initializer_range": 0.1, **special, **overrides}  # 0.1: logits that differ visibly between tokens
+    return {
+        **real,
+        "hidden_size": heads * head_dim,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "intermediate_size": 64,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab_size,
+        "initializer_range": 0.1,
+        **special,
+        **overrides,
+    }  # 0.1: logits that differ visibly between tokens
 
 
 def hf_model(config: dict, seed: int = 0):
@@ -122,8 +167,7 @@ def test_loads_transformers_checkpoint_with_logits_and_generation_parity(member:
     prompt = prompt.masked_fill(prompt_mask == 0, config["pad_token_id"])
     expected = hf.generate(prompt, attention_mask=prompt_mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
     assert torch.equal(ours.generate(prompt, 8, attention_mask=prompt_mask, eos_token_id=[]), expected)
-    assert torch.equal(ours.generate(prompt, 8, attention_mask=prompt_mask, eos_token_id=[], use_cache=False),
-                       expected)
+    assert torch.equal(ours.generate(prompt, 8, attention_mask=prompt_mask, eos_token_id=[], use_cache=False), expected)
 
 
 # -------------------------------------------------------------------------------------------------- long context
@@ -184,8 +228,9 @@ def chats(tmp_path_factory) -> Path:
     return path
 
 
-def write_member_checkpoint(member: str, directory: Path, phi3_like_tokenizer, phi4_like_tokenizer, chat_templates,
-                            tokenizer_config) -> dict:
+def write_member_checkpoint(
+    member: str, directory: Path, phi3_like_tokenizer, phi4_like_tokenizer, chat_templates, tokenizer_config
+) -> dict:
     """A Hub-layout checkpoint of the member's width-reduced twin: transformers' save_pretrained (sharded), the
     tokenizer.json of the member's kind and tokenizer_config.json with the member's chat template."""
     template = MEMBERS[member][2]
@@ -205,18 +250,48 @@ def write_member_checkpoint(member: str, directory: Path, phi3_like_tokenizer, p
 
 
 @pytest.mark.parametrize("member", MEMBERS)
-def test_finetune_example_merge_and_peft_export(member: str, tmp_path: Path, finetune, chats, phi3_like_tokenizer,
-                                                phi4_like_tokenizer, chat_templates, tokenizer_config) -> None:
+def test_finetune_example_merge_and_peft_export(
+    member: str,
+    tmp_path: Path,
+    finetune,
+    chats,
+    phi3_like_tokenizer,
+    phi4_like_tokenizer,
+    chat_templates,
+    tokenizer_config,
+) -> None:
     peft = pytest.importorskip("peft")
     pytest.importorskip("jinja2")
     model_dir = tmp_path / member
-    config = write_member_checkpoint(member, model_dir, phi3_like_tokenizer, phi4_like_tokenizer, chat_templates,
-                                     tokenizer_config)
+    config = write_member_checkpoint(
+        member, model_dir, phi3_like_tokenizer, phi4_like_tokenizer, chat_templates, tokenizer_config
+    )
     out = tmp_path / "run"
-    results = finetune.main(["--model", str(model_dir), "--data", str(chats), "--output_dir", str(out),
-                             "--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_fraction", "0.25",
-                             "--num_samples", "1", "--max_new_tokens", "4", "--learning_rate", "1e-2",
-                             "--lora_dropout", "0", "--merge"])
+    results = finetune.main(
+        [
+            "--model",
+            str(model_dir),
+            "--data",
+            str(chats),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--eval_fraction",
+            "0.25",
+            "--num_samples",
+            "1",
+            "--max_new_tokens",
+            "4",
+            "--learning_rate",
+            "1e-2",
+            "--lora_dropout",
+            "0",
+            "--merge",
+        ]
+    )
     assert results["after"]["eval_loss"] is not None
 
     ours = Phi3ForCausalLM.from_pretrained(model_dir)
@@ -277,8 +352,9 @@ def test_tied_embeddings_stay_tied_through_merge_save_and_export(tmp_path: Path)
         assert "lm_head.weight" not in f.keys()
     merged = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert merged.lm_head.weight.data_ptr() == merged.model.embed_tokens.weight.data_ptr()
-    with_adapter = peft.PeftModel.from_pretrained(transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base"),
-                                                  tmp_path / "peft").eval()
+    with_adapter = peft.PeftModel.from_pretrained(
+        transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "peft"
+    ).eval()
     with torch.no_grad():
         assert max_diff(merged(ids).logits, adapted) <= ATOL
         assert max_diff(with_adapter(input_ids=ids).logits, adapted) <= ATOL
@@ -297,15 +373,17 @@ OTHERS = {
 
 
 @pytest.mark.parametrize("model_type", OTHERS)
-def test_other_architectures_are_refused_before_reading_weights(model_type: str, tmp_path: Path, finetune, chats,
-                                                                phi3_like_tokenizer) -> None:
+def test_other_architectures_are_refused_before_reading_weights(
+    model_type: str, tmp_path: Path, finetune, chats, phi3_like_tokenizer
+) -> None:
     config = narrow("Phi-3-mini-4k")
     hf_model(config).save_pretrained(tmp_path)  # Phi-3-shaped weights ...
     phi3_like_tokenizer(tmp_path)
     written = json.loads((tmp_path / "config.json").read_text())
     # ... under another architecture's config.json
-    (tmp_path / "config.json").write_text(json.dumps({**written, "model_type": model_type,
-                                                      "architectures": OTHERS[model_type]}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({**written, "model_type": model_type, "architectures": OTHERS[model_type]})
+    )
     (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file: reading it would fail differently")
     pattern = rf"model_type '{model_type}'.*supported: model_type 'phi3'.*Phi-3-mini-4k.*Phi-4-mini"
     with pytest.raises(ValueError, match=pattern):
@@ -318,5 +396,6 @@ def test_other_architectures_are_refused_before_reading_weights(model_type: str,
 
 def test_phi3_config_of_another_head_is_refused() -> None:
     with pytest.raises(ValueError, match=r"architectures \['Phi3ForSequenceClassification'\].*supported"):
-        Phi3Config.from_dict({**narrow("Phi-3-mini-4k"), "model_type": "phi3",
-                              "architectures": ["Phi3ForSequenceClassification"]})
+        Phi3Config.from_dict(
+            {**narrow("Phi-3-mini-4k"), "model_type": "phi3", "architectures": ["Phi3ForSequenceClassification"]}
+        )

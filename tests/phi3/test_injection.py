@@ -8,14 +8,39 @@ import lora.phi3
 
 transformers = pytest.importorskip("transformers")
 
-TINY = {"vocab_size": 96, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0, "bos_token_id": 1,
-        "eos_token_id": 2}
+TINY = {
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 # microsoft/Phi-3-mini-4k-instruct and microsoft/Phi-3-medium-4k-instruct config.json (the fields that size LoRA)
-MINI = {"vocab_size": 32064, "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 32, "pad_token_id": 32000, "eos_token_id": 32000}
-MEDIUM = {"vocab_size": 32064, "hidden_size": 5120, "intermediate_size": 17920, "num_hidden_layers": 40,
-          "num_attention_heads": 40, "num_key_value_heads": 10, "pad_token_id": 32000, "eos_token_id": 32000}
+MINI = {
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "pad_token_id": 32000,
+    "eos_token_id": 32000,
+}
+MEDIUM = {
+    "vocab_size": 32064,
+    "hidden_size": 5120,
+    "intermediate_size": 17920,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 10,
+    "pad_token_id": 32000,
+    "eos_token_id": 32000,
+}
 
 
 def hf_model(**overrides):
@@ -86,8 +111,8 @@ def test_only_lora_trains_and_disabled_slices_stay_zero(build):
     qkv = model.model.layers[0].self_attn.qkv_proj
     delta = qkv.delta_weight()
     q, k = 64, 32  # v is the remaining 32 rows
-    assert delta[:q].abs().sum() > 0 and delta[q + k:].abs().sum() > 0
-    assert torch.equal(delta[q:q + k], torch.zeros_like(delta[q:q + k]))
+    assert delta[:q].abs().sum() > 0 and delta[q + k :].abs().sum() > 0
+    assert torch.equal(delta[q : q + k], torch.zeros_like(delta[q : q + k]))
 
 
 @pytest.mark.parametrize("build", BUILDERS)
@@ -147,13 +172,16 @@ def test_phi3_medium_split_is_gqa():
     assert qkv.lora_slices == ((0, 5120), (5120, 1280), (6400, 1280))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"targets": ("qkv_proj", "lm_head")}, "lm_head"),
-    ({"qkv_slices": ("q", "x")}, "qkv_slices"),
-    ({"qkv_slices": ()}, "qkv_slices"),
-    ({"fused": True, "qkv_slices": ("q", "v")}, "fused"),
-    ({"r": 0.5}, "r=0.5"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"targets": ("qkv_proj", "lm_head")}, "lm_head"),
+        ({"qkv_slices": ("q", "x")}, "qkv_slices"),
+        ({"qkv_slices": ()}, "qkv_slices"),
+        ({"fused": True, "qkv_slices": ("q", "v")}, "fused"),
+        ({"r": 0.5}, "r=0.5"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     model = hf_model()
     with pytest.raises(ValueError, match=match):
@@ -166,9 +194,14 @@ def test_lora_step_matches_transformers(kwargs):
     """Same base weights, same LoRA weights: our Phi-3 and transformers' give the same loss and LoRA gradients."""
     from lora.phi3 import Phi3Config, Phi3ForCausalLM
 
-    config = {**TINY, "num_hidden_layers": 2, "sliding_window": 7,
-              "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
-              "original_max_position_embeddings": 8, "max_position_embeddings": 64}
+    config = {
+        **TINY,
+        "num_hidden_layers": 2,
+        "sliding_window": 7,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+        "original_max_position_embeddings": 8,
+        "max_position_embeddings": 64,
+    }
     hf = hf_model(**config).train()
     ours = Phi3ForCausalLM(Phi3Config.from_dict(config))
     ours.load_state_dict(hf.state_dict(), strict=True)

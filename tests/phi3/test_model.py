@@ -279,6 +279,7 @@ def test_generate_stops_at_eos_and_streams() -> None:
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:
     _, ours = pair()
     ids = token_ids(2, 5)
+
     def sample(seed: int, **kw) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         return ours.generate(ids, max_new_tokens=5, temperature=1.0, generator=generator, eos_token_id=[], **kw)
@@ -393,8 +394,13 @@ def test_packed_batch_gives_the_unpacked_loss_and_gradients(case: str) -> None:
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
     # the model's labels= path takes the packed row as well (mean over the same targets)
-    out = ours(packed["input_ids"], packed["attention_mask"], packed["position_ids"], labels=packed["labels"],
-               segment_ids=packed["segment_ids"])
+    out = ours(
+        packed["input_ids"],
+        packed["attention_mask"],
+        packed["position_ids"],
+        labels=packed["labels"],
+        segment_ids=packed["segment_ids"],
+    )
     n = int((padded["labels"][:, 1:] != IGNORE_INDEX).sum())
     torch.testing.assert_close(out.loss * n, expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="segment_ids must be"):

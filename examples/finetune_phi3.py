@@ -384,9 +384,9 @@ def check_settings(cfg: dict, lcfg: dict, origin: dict[str, str]) -> None:
     need(math.isfinite(lcfg["lora_alpha"]) and lcfg["lora_alpha"] > 0, "lora_alpha", "must be > 0")
     need(0 <= lcfg["lora_dropout"] < 1, "lora_dropout", "must be in [0, 1)")
     need(
-        cfg["quantize"] == "none" or not (lcfg["use_dora"] or lcfg["init_lora_weights"].startswith(("pissa", "olora"))),
+        cfg["quantize"] == "none" or not lcfg["init_lora_weights"].startswith(("pissa", "olora")),
         "quantize",
-        "DoRA and PiSSA / OLoRA over a 4-bit base are not supported: QLoRA is plain LoRA over it",
+        "PiSSA / OLoRA rewrite the base weights, which a 4-bit base cannot hold exactly: use another init",
     )
     need(
         bool(lcfg["targets"]) and set(lcfg["targets"]) <= set(TARGETS),

@@ -138,6 +138,13 @@ def _quantized(layer: nn.Module) -> bool:
     return isinstance(layer.weight, nn.Module)
 
 
+def _dense(weight: torch.Tensor | nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """``weight`` as a detached dense tensor of ``dtype`` (a 4-bit :class:`lora.qlora.Weight4bit` dequantized)."""
+    if isinstance(weight, nn.Module):
+        return weight.dequantize(dtype)
+    return weight.detach().to(dtype)
+
+
 def _refuse_quantized(layer: nn.Module) -> None:
     if _quantized(layer):
         raise ValueError(
@@ -289,12 +296,10 @@ class LoRABase(LoRALayer):
                 f"from_module wraps an {cls.adapts.__name__}, whose weight is (out, in): fan_in_fan_out must be False"
             )
         init = lora_kwargs.get("init_lora_weights", "default")
-        if isinstance(base.weight, nn.Module) and (
-            lora_kwargs.get("use_dora") or (isinstance(init, str) and is_mutating_init(init))
-        ):
+        if isinstance(base.weight, nn.Module) and isinstance(init, str) and is_mutating_init(init):
             raise ValueError(
-                f"{type(base).__name__} has a 4-bit (NF4) weight: DoRA and PiSSA / OLoRA over a 4-bit base "
-                f"are not supported (plain LoRA over it is QLoRA)"
+                f"{type(base).__name__} has a 4-bit (NF4) weight: PiSSA / OLoRA rewrite the base weight, which a "
+                f"4-bit base cannot hold exactly (plain LoRA and DoRA over it are supported)"
             )
         layer = cls(**cls.base_kwargs(base), device="meta", dtype=base.weight.dtype, **lora_kwargs)
         if isinstance(base.weight, nn.Module):  # a 4-bit weight (lora.qlora.Weight4bit) is a module, not a Parameter
@@ -385,7 +390,7 @@ class LoRABase(LoRALayer):
         if not (self.use_dora and has_adapter(self)):
             return delta
         f = self._dora_full_scale(self._weight_norm(self.weight, delta))
-        return delta.mul_(f).add_(self.weight.to(delta.dtype) * (f - 1)).contiguous()
+        return delta.mul_(f).add_(_dense(self.weight, delta.dtype) * (f - 1)).contiguous()
 
     # -- DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation") ---------------------------------
     # W' = m * (W + dW) / ||W + dW||, the norm taken per output row (PEFT's and the paper's "column-wise" norm of
@@ -399,7 +404,7 @@ class LoRABase(LoRALayer):
         """``||W + dW||`` over every dim but the magnitude's, for the rows that have a magnitude (``all_rows``: for
         every row); fp32 (fp64 for an fp64 adapter), detached."""
         with torch.no_grad():
-            v = weight.detach().to(lora_delta.dtype) + lora_delta
+            v = _dense(weight, lora_delta.dtype) + lora_delta
             dim = self.magnitude_dim(self.fan_in_fan_out)
             norm = torch.linalg.vector_norm(v, dim=tuple(d for d in range(v.dim()) if d != dim))
             return norm if all_rows else norm[self._magnitude_rows()]
@@ -413,7 +418,8 @@ class LoRABase(LoRALayer):
         if torch.compiler.is_compiling():
             return self._weight_norm(self.weight, self.lora_delta())
         A, B = self.lora_A.detach(), self.lora_B.detach()
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype, self.weight.device, self.scaling)
+        stored = self.weight.packed if _quantized(self) else self.weight  # a 4-bit weight: its packed codes
+        key = (stored._version, stored.data_ptr(), self.weight.dtype, self.weight.device, self.scaling)
         fresh = (
             key == self._dora_key
             and self._dora_norm_cache is not None

@@ -226,7 +226,7 @@ class _LinearKind(LoRABase):
             f = f.to(z.dtype)
             return z * f if self.bias is None else torch.addcmul(self.bias.to(z.dtype), z, f)
         d = self.lora_dropout(_lora_input(x, self.lora_A))
-        dw = F.linear(d.to(weight.dtype), weight)  # (..., out): the second GEMM PEFT's form needs
+        dw = base_linear(d.to(weight.dtype), weight, None)  # (..., out): the second GEMM PEFT's form needs
         h = F.linear(d, self.lora_A) * self.scaling  # (..., r * n_blocks)
         blocks = self._lora_blocks()
         low_rank = dw.new_zeros(dw.shape) if len(blocks) > 1 or blocks[0][1] != self.out_features else None
@@ -236,7 +236,7 @@ class _LinearKind(LoRABase):
                 low_rank = part
             else:
                 low_rank[..., start : start + size] = part
-        return F.linear(x, weight, self.bias) + (f - 1).to(dw.dtype) * dw + f.to(dw.dtype) * low_rank
+        return base_linear(x, weight, self.bias) + (f - 1).to(dw.dtype) * dw + f.to(dw.dtype) * low_rank
 
     def _lora_blocks(self) -> list[tuple[int, int, torch.Tensor, torch.Tensor]]:
         """``(row_start, rows, A_i, B_i)`` per adapted block of output rows."""

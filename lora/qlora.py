@@ -270,10 +270,10 @@ def quantize(
             owners.setdefault(id(p), []).append(f"{name}.{p_name}" if name else p_name)
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, LoRABase) and (layer.use_dora or is_mutating_init(layer.init_lora_weights)):
+        if isinstance(layer, LoRABase) and is_mutating_init(layer.init_lora_weights):
             raise ValueError(
-                f"cannot quantize {name!r}: DoRA and PiSSA / OLoRA over a 4-bit base are not supported "
-                f"(plain LoRA over it is QLoRA)"
+                f"cannot quantize {name!r}: its PiSSA / OLoRA adapter was subtracted from the base weight, which "
+                f"4 bits cannot hold exactly (plain LoRA and DoRA over a 4-bit base are supported)"
             )
         if isinstance(layer, LoRABase) and (layer.merged or layer.fan_in_fan_out):
             state = "merged (unmerge it first)" if layer.merged else "fan_in_fan_out (its weight is (in, out))"

@@ -790,7 +790,27 @@ def test_killed_qlora_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_pat
     [
         (["--quantize", "int4"], ["--quantize", "int4"]),
         (["--quantize", "nf4", "--full_finetune"], ["--quantize", "full"]),
+        (["--quantize", "nf4", "--init_lora_weights", "pissa"], ["--quantize", "PiSSA"]),
     ],
 )
 def test_bad_quantize_settings_are_one_line_errors(tiny_model, chats, tmp_path, extra, needles):
     _assert_one_line_error(_cli(*_short(tiny_model, chats, tmp_path / "run", *extra)), *needles)
+
+
+def test_qdora_run_trains_over_a_4bit_base_and_reloads(tiny_model, chats, tmp_path):
+    """--quantize nf4 --use_dora (QDoRA): trains, and the adapter file (with its magnitudes) reloads over a fresh
+    4-bit base to the same logits as the run's model."""
+    out = tmp_path / "run"
+    results = finetune.main(
+        _args(tiny_model, chats, out, "--max_steps", "4", "--learning_rate", "5e-3", "--quantize", "nf4", "--use_dora")
+    )
+    assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
+    with safe_open(str(out / "adapter.safetensors"), "pt") as f:
+        assert any(k.endswith(".lora_magnitude") for k in f.keys())
+    net, _ = chat.load(tiny_model, out / "adapter.safetensors", None, bf16=False, quantize="nf4")
+    assert isinstance(net.model.layers[0].self_attn.qkv_proj.weight, lora.qlora.Weight4bit)
+    # the oracle: the same adapter over the weights the 4 bits encode, held in fp32
+    dense = lora.dequantize(Phi3ForCausalLM.from_pretrained(tiny_model, quantize="nf4"))
+    lora.load_lora(dense, out / "adapter.safetensors")
+    ids = torch.randint(0, 256, (2, 10))
+    torch.testing.assert_close(net(ids).logits, dense.eval()(ids).logits, atol=1e-5, rtol=1e-5)

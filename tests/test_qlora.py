@@ -323,24 +323,71 @@ def test_linear4bit_function_on_the_nf4_tensors_directly():
     assert torch.equal(linear4bit(x, q), x @ q.dequantize().T)
 
 
-def test_dora_and_pissa_over_4bit_are_refused_before_anything_changes():
-    """QLoRA is plain LoRA over the 4-bit weight: DoRA needs the weight's norm and PiSSA / OLoRA rewrite the base,
-    so both are refused, whichever comes first (inject over 4 bits, or quantize over DoRA / PiSSA)."""
+def test_pissa_over_4bit_is_refused_before_anything_changes():
+    """PiSSA / OLoRA subtract the initial adapter from the base weight, which 4 bits cannot hold exactly: refused,
+    whichever comes first (inject over 4 bits, or quantize over them)."""
     m = model()
     lora.quantize(m)
     packed = m[0].weight.packed.clone()
-    for kwargs in ({"use_dora": True}, {"init_lora_weights": "pissa"}, {"init_lora_weights": "olora"}):
+    for init in ("pissa", "olora"):
         with pytest.raises(ValueError, match="4-bit"):
-            lora.inject(m, ["0"], r=4, **kwargs)
+            lora.inject(m, ["0"], r=4, init_lora_weights=init)
         assert type(m[0]) is Linear4bit and torch.equal(m[0].weight.packed, packed)
-    for kwargs in ({"use_dora": True}, {"init_lora_weights": "pissa"}):
-        m = model()
-        lora.inject(m, ["0"], r=4, **kwargs)
-        before = {k: v.clone() for k, v in m.state_dict().items()}
-        with pytest.raises(ValueError, match="cannot quantize '0'"):
-            lora.quantize(m)
-        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
-        assert not any(isinstance(x, Weight4bit) for x in m.modules())
+    m = model()
+    lora.inject(m, ["0"], r=4, init_lora_weights="pissa")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="cannot quantize '0'"):
+        lora.quantize(m)
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert not any(isinstance(x, Weight4bit) for x in m.modules())
+
+
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_dora_over_nf4_equals_dora_over_the_dequantized_weight(kind, dropout):
+    """QDoRA: DoRA over a 4-bit base is DoRA over the weight the 4 bits encode (forward, input gradient, A / B /
+    magnitude gradients), with the weight norm taken of the dequantized weight and cached."""
+    torch.manual_seed(0)
+    if kind == "Linear":
+        q = lora.Linear(64, 96, r=4, lora_alpha=8, lora_dropout=dropout, use_dora=True)
+    else:
+        q = lora.MergedLinear(
+            64, 96, r=4, lora_alpha=8, lora_dropout=dropout, enable_lora=[True, False, True], use_dora=True
+        )
+    with torch.no_grad():
+        q.lora_B.normal_(0, 0.1)
+        q.lora_magnitude.mul_(1.5)
+    lora.quantize(q)
+    assert isinstance(q.weight, Weight4bit)
+    dense = dequantized_copy(q)
+    assert isinstance(dense.weight, nn.Parameter)
+    x = torch.randn(5, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(1)
+    y = q(x)
+    torch.manual_seed(1)
+    y2 = dense(x2)
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y2.backward(g)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    for name in ("lora_A", "lora_B", "lora_magnitude"):
+        torch.testing.assert_close(getattr(q, name).grad, getattr(dense, name).grad, rtol=1e-5, atol=1e-6)
+    # the norm of the 4-bit weight is computed once while nothing changes
+    calls = []
+    original = q._weight_norm
+    q._weight_norm = lambda *a, **k: calls.append(1) or original(*a, **k)
+    q.eval()
+    with torch.no_grad():
+        q(x)
+        q(x)
+    assert len(calls) == 0
+    # merge_and_unload dequantizes, then merges the DoRA update: the plain layer computes what the adapter did
+    plain = lora.merge_and_unload(q)
+    assert type(plain) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), dense.eval()(x), rtol=1e-5, atol=1e-5)
 
 
 def test_named_adapters_over_a_4bit_base(tmp_path):

@@ -140,7 +140,7 @@ def write_checkpoint(directory: Path, cfg: dict[str, Any], shard_bytes: int = SH
 # The measured process
 
 
-def child(directory: Path, impl: str, steps: int, tokens: int) -> None:
+def child(directory: Path, impl: str, steps: int, tokens: int, quantize: str | None = None) -> None:
     """Load, inject LoRA, train; print one ``SCALE_JSON {...}`` line."""
     if impl == "transformers":
         from transformers import Phi3ForCausalLM
@@ -153,6 +153,8 @@ def child(directory: Path, impl: str, steps: int, tokens: int) -> None:
             raise SystemExit(why)
 
         def load() -> torch.nn.Module:
+            if quantize:  # QLoRA: each linear weight quantized as it is read
+                return cls.from_pretrained(directory, dtype=torch.bfloat16, quantize=quantize)
             return cls.from_pretrained(directory, dtype=torch.bfloat16)
 
     index = json.loads((directory / "model.safetensors.index.json").read_text(encoding="utf-8"))
@@ -165,11 +167,14 @@ def child(directory: Path, impl: str, steps: int, tokens: int) -> None:
         load_s = time.perf_counter() - t0
     out: dict[str, Any] = {
         "impl": impl,
+        "quantize": quantize,
         "weight_bytes": weight_bytes,
         "load_s": load_s,
         "rss_before_load": rss0,
         "load_peak": load_meter.peak,
         "method": load_meter.method,
+        # what the loaded model holds (parameters and buffers: the NF4 codes and statistics of a 4-bit model)
+        "model_bytes": sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]),
     }
 
     lora_names = __import__("lora").phi3.inject(model, r=R, lora_alpha=ALPHA, lora_dropout=DROPOUT)
@@ -202,7 +207,10 @@ def run_child(directory: Path, impl: str, args: argparse.Namespace) -> dict[str,
         str(args.steps),
         "--tokens",
         str(args.tokens),
-    ] + (["--threads", str(args.threads)] if args.threads else [])
+    ]
+    cmd += (["--threads", str(args.threads)] if args.threads else []) + (
+        ["--quantize", args.quantize] if args.quantize else []
+    )
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=_timing.ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
@@ -224,7 +232,13 @@ def report(res: dict[str, Any], tokens: int, tiny: bool) -> str:
     train_gib = (res["train_peak"] or 0) / GiB
     name = "this library" if res["impl"] == "ours" else "transformers"
     rows = [
-        ("weights (bf16)", _size(w), "", ""),
+        ("weights in the checkpoint (bf16)", _size(w), "", ""),
+        (
+            "model in memory after the load" + (f" ({res['quantize']})" if res.get("quantize") else ""),
+            _size(res.get("model_bytes") or 0),
+            "",
+            "",
+        ),
         (f"load time ({name} from_pretrained)", f"{res['load_s']:.1f} s", "", ""),
         (
             "peak RSS during load, over RSS before it",
@@ -273,13 +287,16 @@ def main(argv: list[str] | None = None) -> int:
         "--tokens", type=int, default=None, help=f"sequence length, batch 1 (default {TOKENS}, tiny {TINY_TOKENS})"
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument(
+        "--quantize", choices=["nf4"], default=None, help="ours only: load with quantize='nf4' (QLoRA; default: bf16)"
+    )
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.tokens = args.tokens or (TINY_TOKENS if args.tiny else TOKENS)
     if args.child:
-        child(args.child, args.impl, args.steps, args.tokens)
+        child(args.child, args.impl, args.steps, args.tokens, args.quantize)
         return 0
 
     cfg = TINY if args.tiny else _impls.PHI3_MINI

@@ -39,6 +39,11 @@ STEPS = 3
 SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size "5GB"
 LOAD_TARGET = 1.10  # peak RSS during the load, over the weight bytes
 TRAIN_TARGET_GIB = 11.0  # peak RSS of the whole process while training
+# QLoRA (issue 11): the load's peak RSS (whole process) <= 1.3x the NF4 model's bytes + 1 GiB, training <= 3.5 GiB,
+# a step <= 1.3x the bf16 LoRA step (--quantize both measures the two one after the other)
+NF4_LOAD_FACTOR, NF4_LOAD_EXTRA = 1.3, 2**30
+NF4_TRAIN_TARGET_GIB = 3.5
+NF4_STEP_TARGET = 1.3
 TINY = _impls.phi3_config_dict(hidden=256, layers=2, heads=4, intermediate=512, vocab=1024)
 TINY_TOKENS = 64
 GiB = 2**30
@@ -195,7 +200,7 @@ def child(directory: Path, impl: str, steps: int, tokens: int, quantize: str | N
     print(RESULT_TAG + json.dumps(out), flush=True)
 
 
-def run_child(directory: Path, impl: str, args: argparse.Namespace) -> dict[str, Any] | None:
+def run_child(directory: Path, impl: str, args: argparse.Namespace, quantize: str | None) -> dict[str, Any] | None:
     cmd = [
         sys.executable,
         __file__,
@@ -208,9 +213,7 @@ def run_child(directory: Path, impl: str, args: argparse.Namespace) -> dict[str,
         "--tokens",
         str(args.tokens),
     ]
-    cmd += (["--threads", str(args.threads)] if args.threads else []) + (
-        ["--quantize", args.quantize] if args.quantize else []
-    )
+    cmd += (["--threads", str(args.threads)] if args.threads else []) + (["--quantize", quantize] if quantize else [])
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=_timing.ROOT)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_TAG):
@@ -223,14 +226,20 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
 
 
-def report(res: dict[str, Any], tokens: int, tiny: bool) -> str:
+def seconds_per_step(res: dict[str, Any]) -> float:
+    steady = res["step_s"][1:] or res["step_s"]  # the first step is warm-up
+    return sorted(steady)[len(steady) // 2]
+
+
+def report(res: dict[str, Any], tokens: int, tiny: bool, bf16_step_s: float | None = None) -> str:
     w = res["weight_bytes"]
     load_delta = (res["load_peak"] or 0) - res["rss_before_load"]
     load_ratio = load_delta / w
-    steady = res["step_s"][1:] or res["step_s"]
-    s_per_step = sorted(steady)[len(steady) // 2]
+    s_per_step = seconds_per_step(res)
     train_gib = (res["train_peak"] or 0) / GiB
     name = "this library" if res["impl"] == "ours" else "transformers"
+    if res.get("quantize"):
+        return report_nf4(res, tokens, tiny, bf16_step_s)
     rows = [
         ("weights in the checkpoint (bf16)", _size(w), "", ""),
         (
@@ -270,6 +279,53 @@ def report(res: dict[str, Any], tokens: int, tiny: bool) -> str:
     return "\n".join(lines)
 
 
+def report_nf4(res: dict[str, Any], tokens: int, tiny: bool, bf16_step_s: float | None) -> str:
+    """The QLoRA rows: the load against the 4-bit model's own bytes, training memory, the step against bf16's."""
+    model_bytes = res["model_bytes"]
+    load_peak = res["load_peak"] or 0
+    load_limit = NF4_LOAD_FACTOR * model_bytes + NF4_LOAD_EXTRA
+    train_peak = res["train_peak"] or 0
+    s_per_step = seconds_per_step(res)
+    step_ratio = s_per_step / bf16_step_s if bf16_step_s else None
+    rows = [
+        ("weights in the checkpoint (bf16)", _size(res["weight_bytes"]), "", ""),
+        ("model in memory after the load (NF4 linears; embeddings, norms, head bf16)", _size(model_bytes), "", ""),
+        ("load time (from_pretrained, quantize='nf4')", f"{res['load_s']:.1f} s", "", ""),
+        (
+            "peak RSS during the load, whole process",
+            f"{_size(load_peak)} (RSS before the load: {_size(res['rss_before_load'])})",
+            f"<= 1.3 x {_size(model_bytes)} + 1 GiB = {_size(int(load_limit))}",
+            "yes" if load_peak <= load_limit else "**no**",
+        ),
+        ("LoRA", f"{res['lora_layers']} layers, {res['lora_params']:,} trainable parameters, r={R}", "", ""),
+        ("gradient checkpointing", "on" if res["gradient_checkpointing"] else "not available", "", ""),
+        (
+            f"seconds per step (batch 1 x {tokens})",
+            f"{s_per_step:.1f} s (all steps: " + ", ".join(f"{t:.1f}" for t in res["step_s"]) + ")",
+            "",
+            "",
+        ),
+        (
+            "step time over the bf16 LoRA step (same command, run just before)",
+            f"{step_ratio:.2f}x" if step_ratio else "not measured (use --quantize both)",
+            f"<= {NF4_STEP_TARGET}x",
+            "" if step_ratio is None else ("yes" if step_ratio <= NF4_STEP_TARGET else "**no**"),
+        ),
+        (
+            "peak RSS while training, whole process",
+            _size(train_peak),
+            f"<= {NF4_TRAIN_TARGET_GIB} GiB",
+            "yes" if train_peak <= NF4_TRAIN_TARGET_GIB * GiB else "**no**",
+        ),
+        ("losses", ", ".join(f"{x:.4f}" for x in res["losses"]), "", ""),
+    ]
+    if tiny:
+        rows = [(a, b, "", "") for a, b, _, _ in rows]
+    lines = ["| metric | value | target | met? |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -288,7 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument(
-        "--quantize", choices=["nf4"], default=None, help="ours only: load with quantize='nf4' (QLoRA; default: bf16)"
+        "--quantize",
+        choices=["nf4", "both"],
+        default=None,
+        help="ours only: load with quantize='nf4' (QLoRA), or 'both': bf16 then nf4, and the step-time ratio "
+        "(default: bf16 only)",
     )
     p.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -326,14 +386,20 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"checkpoint: reusing {directory}\n")
         failed = False
-        for impl in impls:
-            print(f"loading and training with {impl} ...", file=sys.stderr, flush=True)
-            res = run_child(directory, impl, args)
+        runs = [(impl, None if args.quantize == "both" else args.quantize) for impl in impls]
+        if args.quantize == "both":
+            runs.append(("ours", "nf4"))
+        bf16_step_s = None
+        for impl, quantize in runs:
+            print(f"loading and training with {impl} ({quantize or 'bf16'}) ...", file=sys.stderr, flush=True)
+            res = run_child(directory, impl, args, quantize)
             if res is None:
                 failed = True
                 continue
-            print(f"### {impl} from_pretrained (memory: {res['method']})\n")
-            print(report(res, args.tokens, args.tiny) + "\n")
+            if quantize is None and impl == "ours":
+                bf16_step_s = seconds_per_step(res)
+            print(f"### {impl} from_pretrained{', ' + quantize if quantize else ''} (memory: {res['method']})\n")
+            print(report(res, args.tokens, args.tiny, bf16_step_s) + "\n")
         return 1 if failed else 0
     finally:
         if tmp is not None:

@@ -7,6 +7,9 @@
 * :func:`write_safetensors` writes the safetensors format itself, with tensors and metadata in sorted order, so
   the same tensors and metadata always give the same bytes (safetensors' own writer orders metadata by a hash map
   seeded per process).
+* :class:`SafetensorsReader` reads a safetensors file tensor by tensor with plain reads into memory each tensor
+  owns, without a memory mapping: what was read and dropped is gone from the process (a mapping keeps every page
+  it touched resident for as long as any tensor from the file lives).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-__all__ = ["atomic_write", "remove_stale_temporaries", "write_safetensors"]
+__all__ = ["SafetensorsReader", "atomic_write", "remove_stale_temporaries", "write_safetensors"]
 
 _ST_DTYPES = {
     torch.float64: "F64",
@@ -36,6 +39,8 @@ _ST_DTYPES = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+_ST_TORCH = {name: dtype for dtype, name in _ST_DTYPES.items()}
+_MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header
 
 
 def _pid_alive(pid: int) -> bool:
@@ -140,3 +145,89 @@ def write_safetensors(path: str, tensors: Mapping[str, torch.Tensor], metadata: 
             t = tensors[name].detach().to("cpu").contiguous().reshape(-1)
             if t.numel():
                 f.write(t.view(torch.uint8).numpy().data)
+
+
+class SafetensorsReader:
+    """One safetensors file, read a tensor at a time into memory the tensor owns (no memory mapping).
+
+    ``with SafetensorsReader(path) as f: f.keys(); f.shape(key); f.read(key)``. The header is checked when the file
+    is opened: a ``ValueError`` names the file (and key) for a truncated file, a malformed header, an unknown dtype,
+    or data offsets that disagree with the shape or run past the end of the file.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._file = open(self.path, "rb")
+        try:
+            self._entries = self._read_header()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _read_header(self) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+        size = os.fstat(self._file.fileno()).st_size
+        head = self._file.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{self.path}: not a safetensors file ({size} bytes, too short for a header)")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{self.path}: header length {length} does not fit the file ({size} bytes)")
+        try:
+            header = json.loads(self._file.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{self.path}: malformed safetensors header ({err})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{self.path}: malformed safetensors header (not a JSON object)")
+        self._data_start = 8 + length
+        entries = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            try:
+                dtype = _ST_TORCH[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                start, end = (int(o) for o in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise ValueError(f"{self.path}: malformed header entry for {key!r}: {info!r}") from None
+            numel = 1
+            for d in shape:
+                numel *= d
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            if min(shape, default=0) < 0 or start < 0 or end - start != nbytes or self._data_start + end > size:
+                raise ValueError(
+                    f"{self.path}: {key!r} ({info['dtype']}, shape {list(shape)}) has data offsets "
+                    f"[{start}, {end}], which do not match its {nbytes} bytes within the file's {size}"
+                )
+            entries[key] = (dtype, shape, start, end)
+        return entries
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def read(self, key: str) -> torch.Tensor:
+        """The tensor ``key``, in memory of its own (CPU)."""
+        dtype, shape, start, end = self._entries[key]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        self._file.seek(self._data_start + start)
+        done = 0
+        while done < len(view):
+            n = self._file.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{self.path}: the file ended inside {key!r}")
+            done += n
+        if not buf.numel():
+            return torch.empty(shape, dtype=dtype)
+        return buf.view(dtype).reshape(shape)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
+from .functional import _gemm_dtype
 
 __all__ = ["Weight4bit", "Linear4bit", "linear4bit", "is_quantized", "quantize", "dequantize"]
 
@@ -132,20 +133,35 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _weight_for(weight: nf4.NF4Weight, dtype: torch.dtype, gemm_dtype: torch.dtype | None) -> torch.Tensor:
+    """The weight dequantized to ``dtype``, upcast to ``gemm_dtype`` if given (exactly: see ``_gemm_dtype``)."""
+    w = weight.dequantize(dtype)
+    return w if gemm_dtype is None else w.to(gemm_dtype)
+
+
 class _Linear4bit(torch.autograd.Function):
-    """``x W^T + b`` with ``W`` dequantized from 4 bits in the forward and again in the backward (never saved)."""
+    """``x W^T + b`` with ``W`` dequantized from 4 bits in the forward and again in the backward (never saved).
+
+    On a CPU without 16-bit matrix units a 16-bit product runs as an fp32 GEMM over the exactly upcast operands,
+    rounded back (``lora.functional._gemm_dtype``): the 16-bit result, at fp32 speed.
+    """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: nf4.NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight  # the 4-bit tensors only: a few bytes per weight, shared with the layer
         ctx.has_bias = bias is not None
-        return F.linear(x, weight.dequantize(x.dtype), bias)  # (..., in) @ (in, out) -> (..., out)
+        ctx.gemm_dtype = gemm = _gemm_dtype(x.dtype, x.device)
+        if gemm is None:
+            return F.linear(x, weight.dequantize(x.dtype), bias)  # (..., in) @ (in, out) -> (..., out)
+        bias = None if bias is None else bias.to(gemm)
+        return F.linear(x.to(gemm), _weight_for(weight, x.dtype, gemm), bias).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad @ ctx.weight.dequantize(grad.dtype)  # (..., out) @ (out, in) -> (..., in)
+            w = _weight_for(ctx.weight, grad.dtype, ctx.gemm_dtype)
+            grad_x = (grad.to(w.dtype) @ w).to(grad.dtype)  # (..., out) @ (out, in) -> (..., in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
         return grad_x, None, grad_bias

@@ -150,3 +150,56 @@ def test_a_replaced_file_keeps_its_permissions(tmp_path):
     time.sleep(0.01)
     lora.save_lora(model, path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+# -- SafetensorsReader: safetensors' own files, read without a mapping ------------------------------------------
+
+
+def test_reader_reads_what_safetensors_wrote(tmp_path):
+    from safetensors.torch import save_file
+
+    from lora._io import SafetensorsReader
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(4, 7, generator=g).bfloat16(),
+        "f16": torch.randn(2, 3, 2, generator=g).half(),
+        "f64": torch.randn(6, generator=g).double(),
+        "i64": torch.arange(-3, 9),
+        "i8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+        "u8": torch.tensor([0, 17, 255], dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 4),
+    }
+    save_file(tensors, tmp_path / "t.safetensors", metadata={"format": "pt"})
+    with SafetensorsReader(tmp_path / "t.safetensors") as f:
+        assert sorted(f.keys()) == sorted(tensors)
+        for key, want in tensors.items():
+            assert f.shape(key) == tuple(want.shape)
+            got = f.read(key)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), key
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[:5], "too short"),
+        (lambda b: (10**9).to_bytes(8, "little") + b[8:], "header length"),
+        (lambda b: b[:8] + b"x" + b[9:], "malformed"),
+        (lambda b: b[:-4], "do not match"),  # the last tensor's data runs past the end of the file
+        (lambda b: b.replace(b'"F32"', b'"F99"'), "malformed header entry"),
+    ],
+)
+def test_reader_refuses_a_damaged_file_naming_it(tmp_path, damage, message):
+    from safetensors.torch import save_file
+
+    from lora._io import SafetensorsReader
+
+    save_file({"w": torch.ones(4, 4)}, tmp_path / "good.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(damage((tmp_path / "good.safetensors").read_bytes()))
+    with pytest.raises(ValueError, match=message) as err:
+        SafetensorsReader(bad)
+    assert str(bad) in str(err.value)

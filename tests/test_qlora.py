@@ -58,6 +58,33 @@ def test_linear4bit_is_the_linear_of_the_dequantized_weight(dtype):
     assert not any(p.requires_grad for n, p in q.named_parameters() if n != "bias")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_products_as_fp32_gemms_give_the_16_bit_result(dtype, monkeypatch):
+    """On a CPU without 16-bit matrix units (lora.functional._gemm_dtype) the 4-bit linear multiplies the exactly
+    upcast 16-bit operands in fp32 and rounds back: the values of the 16-bit GEMM, up to fp32 accumulation order."""
+    import lora.qlora
+
+    torch.manual_seed(0)
+    q = Linear4bit.from_linear(nn.Linear(192, 160).to(dtype))
+    x = torch.randn(3, 40, 192, dtype=dtype, requires_grad=True)
+
+    def run(gemm_dtype):
+        x.grad = q.bias.grad = None
+        chosen = []
+        monkeypatch.setattr(lora.qlora, "_gemm_dtype", lambda dt, dev: chosen.append(dt) or gemm_dtype)
+        y = q(x)
+        y.float().square().sum().backward()
+        assert chosen == [dtype]
+        return y.detach(), x.grad.clone(), q.bias.grad.clone()
+
+    emulated, native = run(torch.float32), run(None)
+    ulp = torch.finfo(dtype).eps
+    for got, want in zip(emulated, native):
+        assert got.dtype == want.dtype == dtype
+        assert (got == want).float().mean().item() > 0.95  # bit for bit but where the fp32 sums round otherwise
+        torch.testing.assert_close(got, want, rtol=2 * ulp, atol=2 * ulp * float(want.abs().max()))
+
+
 def test_backward_saves_no_full_precision_weight():
     torch.manual_seed(0)
     layer = lora.Linear(256, 512, r=4)

@@ -10,6 +10,7 @@ says so (search for "transformers").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -23,7 +24,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lora._io import atomic_write
+from lora._io import SafetensorsReader, atomic_write
 from lora.adapters import adapter_batch
 from lora.qlora import Linear4bit, Weight4bit, is_quantized
 from lora.data import causal_lm_loss, lm_head_loss
@@ -609,7 +610,8 @@ class Phi3ForCausalLM(nn.Module):
         ``quantize="nf4"`` (QLoRA): every linear weight but ``lm_head``'s is quantized to NF4 as it is read (after the
         cast to ``dtype``, which stays the weight's nominal dtype), so at most one full-precision linear weight exists
         at a time; those layers become :class:`lora.qlora.Linear4bit` (see :func:`lora.quantize`; ``double_quant``
-        as there). Embeddings, norms and the head keep ``dtype``.
+        as there). Embeddings, norms and the head keep ``dtype``. The files are then read rather than memory-mapped:
+        a mapping would keep every page of the full-precision weights it read resident while the model lives.
         """
         if quantize not in (None, "nf4"):
             raise ValueError(f"quantize must be None or 'nf4', got quantize={quantize!r}")
@@ -632,18 +634,18 @@ class Phi3ForCausalLM(nn.Module):
 
         loaded: dict[str, Tensor] = {}
         for file in _weight_files(path):
-            with safe_open(file, framework="pt", device=str(device)) as f:
-                for key in f.keys():
+            with _open_weights(file, device, mapped=quantize is None) as (keys, shape_of, read):
+                for key in keys:
                     if config.tie_word_embeddings and key == "lm_head.weight":
                         continue  # transformers ties too, ignoring a stored head
                     if key not in expected:
                         raise ValueError(f"unexpected key {key!r} in {file} (not a parameter of Phi3ForCausalLM)")
-                    shape = tuple(f.get_slice(key).get_shape())
+                    shape = shape_of(key)
                     if shape != tuple(expected[key]):
                         raise ValueError(
                             f"{file}: {key!r} has shape {shape}, expected {tuple(expected[key])} from {config_file}"
                         )
-                    tensor = f.get_tensor(key)
+                    tensor = read(key)
                     tensor = tensor if dtype is None else tensor.to(dtype)
                     if key in four_bit:
                         tensor = Weight4bit.quantize(tensor, double_quant=double_quant)  # the full one goes now
@@ -717,6 +719,18 @@ class Phi3ForCausalLM(nn.Module):
                 stale.name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) or _SHARD_NAME.fullmatch(stale.name)
             ):
                 stale.unlink()
+
+
+@contextlib.contextmanager
+def _open_weights(file: Path, device: torch.device, mapped: bool):
+    """``(keys, shape_of, read)`` for one safetensors file: memory-mapped (a tensor reads from the file's pages as it
+    is used, and nothing is copied), or, with ``mapped=False``, read tensor by tensor into memory of its own."""
+    if mapped:
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            yield f.keys(), lambda key: tuple(f.get_slice(key).get_shape()), f.get_tensor
+    else:
+        with SafetensorsReader(file) as f:
+            yield f.keys(), f.shape, lambda key: f.read(key).to(device)
 
 
 def _weight_files(path: Path) -> list[Path]:

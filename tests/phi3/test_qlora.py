@@ -156,3 +156,25 @@ def test_bad_quantize_argument_and_saving_4bit(checkpoint, tmp_path):
     model.save_pretrained(tmp_path / "out")
     back = Phi3ForCausalLM.from_pretrained(tmp_path / "out")
     assert back.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="reads /proc/self/maps (Linux)")
+def test_quantized_load_keeps_no_mapping_of_the_checkpoint(checkpoint):
+    """A memory-mapped load keeps the file mapped while the model lives (its pages count as the process's); a
+    quantized load reads the tensors into memory of their own, so the full-precision pages it read are gone."""
+    import gc
+
+    def mapped() -> bool:
+        with open("/proc/self/maps", encoding="utf-8") as f:
+            return str(checkpoint) in f.read()
+
+    gc.collect()
+    assert not mapped()
+    plain = Phi3ForCausalLM.from_pretrained(checkpoint)
+    assert mapped()  # the control: safetensors' mapping, alive through the model's tensors
+    del plain
+    gc.collect()
+    assert not mapped()
+    quantized = Phi3ForCausalLM.from_pretrained(checkpoint, quantize="nf4")
+    assert not mapped()
+    assert isinstance(quantized.model.layers[0].mlp.down_proj, Linear4bit)

@@ -850,7 +850,13 @@ def main(argv: list[str] | None = None) -> dict:
         params = trainable
     optimizer = torch.optim.AdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if distributed and not cfg["fsdp"] else model
+    # No buffer changes while training (the rotary frequencies, a 4-bit base's codes): DDP need not re-broadcast
+    # them before every forward (for QLoRA that would be the whole 4-bit model each step).
+    ddp_model = (
+        torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        if distributed and not cfg["fsdp"]
+        else model
+    )
 
     position = {"step": 0, "epoch": 0, "batch_in_epoch": 0}
     results: dict = {

@@ -167,8 +167,10 @@ def test_killed_run_resumes_to_the_same_adapter(tiny_model, chats, tmp_path):
     assert steps_a == steps_b
 
 
-def test_torchrun_two_processes_match_one_process(tiny_model, chats, tmp_path):
+@pytest.mark.parametrize("base", ["bf16 or fp32", "nf4"])
+def test_torchrun_two_processes_match_one_process(tiny_model, chats, tmp_path, base):
     common = [
+        *(["--quantize", "nf4"] if base == "nf4" else []),
         "--max_steps",
         "3",
         "--lora_dropout",
@@ -188,7 +190,7 @@ def test_torchrun_two_processes_match_one_process(tiny_model, chats, tmp_path):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=29517",
+        f"--master_port={29517 if base == 'nf4' else 29518}",
         str(EXAMPLES / "finetune_phi3.py"),
     ]
     ddp = subprocess.run(

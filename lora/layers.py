@@ -29,6 +29,7 @@ Differences from loralib 0.1.2, on purpose:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 from collections.abc import Sequence
@@ -38,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import LoRABase, LoRALayer, check_lora_args, has_adapter, is_lora_layer
-from .functional import _wide, fused_lora_conv, fused_lora_linear  # _wide: fp32, or fp64 if it is
+from .functional import _gemm_dtype, _wide, fused_lora_conv, fused_lora_linear  # _wide: fp32, or fp64 if it is
 from .adapters import is_routed, routed_forward
 from .qlora import Weight4bit, base_linear  # a 4-bit (NF4) frozen weight, and F.linear that also takes one
 
@@ -62,6 +63,13 @@ def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
     if x.dtype != lora_param.dtype and not torch.is_autocast_enabled(x.device.type):
         return x.to(lora_param.dtype)
     return x
+
+
+def _low_rank_gemm_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
+    """fp32 where the plain ops' 16-bit low-rank products (the adapter's dtype, or autocast's) would be emulated by
+    this CPU (:func:`lora.functional._gemm_dtype`), else None. The fused functions take the same route themselves."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    return _gemm_dtype(torch.get_autocast_dtype(x.device.type) if autocast else lora_A.dtype, x.device)
 
 
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
@@ -341,9 +349,11 @@ class Linear(_LinearKind, nn.Linear):
                 compute_dtype=dtype,
             )
         result = base_linear(x, weight, bias)
-        x = _lora_input(x, A)
-        h = F.linear(self.lora_dropout(x) if dropout else x, A)  # (..., in) -> (..., r)
-        return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
+        c = _low_rank_gemm_dtype(x, A)
+        with torch.autocast(x.device.type, enabled=False) if c else contextlib.nullcontext():
+            A, B, x = (A.to(c), B.to(c), x.to(c)) if c else (A, B, _lora_input(x, A))
+            h = F.linear(self.lora_dropout(x) if dropout else x, A)  # (..., in) -> (..., r)
+            return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -519,11 +529,15 @@ class MergedLinear(_LinearKind, nn.Linear):
                 compute_dtype=dtype,
             )
         result = base_linear(x, weight, bias)
-        x = _lora_input(x, self.lora_A)
-        h = F.linear(self.lora_dropout(x) if dropout else x, self.lora_A) * self.scaling  # (..., r * n)
-        for i, (start, size, _, B_i) in enumerate(self._slice_params()):
-            # (..., r) @ (r, size) -> (..., size), added in place into this slice's columns of the output
-            result[..., start : start + size] += F.linear(h[..., i * self.r : (i + 1) * self.r], B_i).to(result.dtype)
+        c = _low_rank_gemm_dtype(x, self.lora_A)
+        with torch.autocast(x.device.type, enabled=False) if c else contextlib.nullcontext():
+            A, x = (self.lora_A.to(c), x.to(c)) if c else (self.lora_A, _lora_input(x, self.lora_A))
+            h = F.linear(self.lora_dropout(x) if dropout else x, A) * self.scaling  # (..., r * n)
+            for i, (start, size, _, B_i) in enumerate(self._slice_params()):
+                B_i = B_i.to(c) if c else B_i
+                # (..., r) @ (r, size) -> (..., size), added in place into this slice's columns of the output
+                h_i = h[..., i * self.r : (i + 1) * self.r]
+                result[..., start : start + size] += F.linear(h_i, B_i).to(result.dtype)
         return result
 
 

@@ -133,35 +133,56 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _weight_for(weight: nf4.NF4Weight, dtype: torch.dtype, gemm_dtype: torch.dtype | None) -> torch.Tensor:
-    """The weight dequantized to ``dtype``, upcast to ``gemm_dtype`` if given (exactly: see ``_gemm_dtype``)."""
-    w = weight.dequantize(dtype)
-    return w if gemm_dtype is None else w.to(gemm_dtype)
+_CHUNK_WEIGHTS = 2**22  # weights dequantized at a time on the CPU: 16 MiB in fp32, a few in cache-sized pieces
+
+
+def _row_chunks(weight: nf4.NF4Weight, device: torch.device) -> list[slice]:
+    """The output rows to dequantize at a time: on the CPU chunks of about ``_CHUNK_WEIGHTS`` weights (whole rows,
+    a multiple of 64), so a dequantized copy of the whole weight never exists; elsewhere all rows at once."""
+    out_features, in_features = weight.shape
+    step = out_features if device.type != "cpu" else max(64, _CHUNK_WEIGHTS // max(in_features, 1) // 64 * 64)
+    return [slice(start, min(start + step, out_features)) for start in range(0, out_features, step)]
 
 
 class _Linear4bit(torch.autograd.Function):
     """``x W^T + b`` with ``W`` dequantized from 4 bits in the forward and again in the backward (never saved).
 
-    On a CPU without 16-bit matrix units a 16-bit product runs as an fp32 GEMM over the exactly upcast operands,
-    rounded back (``lora.functional._gemm_dtype``): the 16-bit result, at fp32 speed.
+    On the CPU the weight is dequantized a chunk of output rows at a time, each chunk multiplied and dropped. On a
+    CPU without 16-bit matrix units a 16-bit product runs as an fp32 GEMM over the exactly upcast operands, rounded
+    back (``lora.functional._gemm_dtype``): the 16-bit result, at fp32 speed.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: nf4.NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight  # the 4-bit tensors only: a few bytes per weight, shared with the layer
         ctx.has_bias = bias is not None
-        ctx.gemm_dtype = gemm = _gemm_dtype(x.dtype, x.device)
-        if gemm is None:
-            return F.linear(x, weight.dequantize(x.dtype), bias)  # (..., in) @ (in, out) -> (..., out)
-        bias = None if bias is None else bias.to(gemm)
-        return F.linear(x.to(gemm), _weight_for(weight, x.dtype, gemm), bias).to(x.dtype)
+        dtype = x.dtype
+        ctx.gemm_dtype = c = _gemm_dtype(dtype, x.device) or dtype
+        chunks = _row_chunks(weight, x.device)
+        if len(chunks) == 1 and c == dtype:
+            return F.linear(x, weight.dequantize(dtype), bias)  # (..., in) @ (in, out) -> (..., out)
+        x2 = x.reshape(-1, x.shape[-1]).to(c)  # (N, in)
+        # (..., out), returned itself (not a view of it: a caller may add to the output in place)
+        out = torch.empty(*x.shape[:-1], weight.shape[0], dtype=c, device=x.device)
+        out2 = out.view(-1, weight.shape[0])  # (N, out)
+        for rows in chunks:
+            w = weight.dequantize(dtype, rows=rows).to(c)  # (rows, in), the values of the weight in dtype
+            torch.mm(x2, w.T, out=out2[:, rows])  # (N, in) @ (in, rows)
+        if bias is not None:
+            out2 += bias.to(c)
+        return out.to(dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad_x = grad_bias = None
+        weight, dtype, c = ctx.weight, grad.dtype, ctx.gemm_dtype
         if ctx.needs_input_grad[0]:
-            w = _weight_for(ctx.weight, grad.dtype, ctx.gemm_dtype)
-            grad_x = (grad.to(w.dtype) @ w).to(grad.dtype)  # (..., out) @ (out, in) -> (..., in)
+            g2 = grad.reshape(-1, grad.shape[-1]).to(c)  # (N, out)
+            grad_x = torch.zeros(g2.shape[0], weight.shape[1], dtype=c, device=grad.device)  # (N, in)
+            for rows in _row_chunks(weight, grad.device):
+                w = weight.dequantize(dtype, rows=rows).to(c)  # (rows, in)
+                grad_x.addmm_(g2[:, rows], w)  # (N, rows) @ (rows, in), summed over the chunks
+            grad_x = grad_x.to(dtype).view(*grad.shape[:-1], weight.shape[1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(dim=0)
         return grad_x, None, grad_bias

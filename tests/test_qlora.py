@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import lora
+import lora.functional
 from lora import nf4
 from lora.qlora import Linear4bit, Weight4bit, linear4bit
 
@@ -56,6 +58,39 @@ def test_linear4bit_is_the_linear_of_the_dequantized_weight(dtype):
     assert torch.equal(x.grad, x_ref.grad)
     assert q.bias.grad is not None and torch.allclose(q.bias.grad, g.sum(dim=(0, 1)))
     assert not any(p.requires_grad for n, p in q.named_parameters() if n != "bias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantizing_a_chunk_of_rows_at_a_time_gives_the_same_product(dtype, monkeypatch):
+    """On the CPU the weight is dequantized in chunks of rows (never whole): the output rows are the same products,
+    and the input gradient sums the chunks' products (the same values up to fp32 summation order)."""
+    import lora.qlora
+
+    torch.manual_seed(0)
+    base = nn.Linear(128, 200).to(dtype)  # 200 rows: chunks of 64, 64, 64 and a last one of 8
+    q = Linear4bit.from_linear(base)
+    w = q.weight.dequantize()
+    monkeypatch.setattr(lora.qlora, "_CHUNK_WEIGHTS", 64 * 128)
+    assert [(c.start, c.stop) for c in lora.qlora._row_chunks(q.weight.nf4(), torch.device("cpu"))] == [
+        (0, 64),
+        (64, 128),
+        (128, 192),
+        (192, 200),
+    ]
+    dequantized = []
+    real = nf4.NF4Weight.dequantize
+    monkeypatch.setattr(nf4.NF4Weight, "dequantize", lambda self, *a, **k: dequantized.append(k) or real(self, *a, **k))
+    x = torch.randn(3, 7, 128, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y = q(x)
+    y_ref = nn.functional.linear(x_ref.float(), w.float(), q.bias.detach().float())
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_ref.backward(g.float())
+    assert len(dequantized) == 8 and all(k["rows"].stop - k["rows"].start <= 64 for k in dequantized)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(x.grad.float(), x_ref.grad.float(), **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -118,8 +153,14 @@ def test_matches_bitsandbytes_linear4bit():
 # -- LoRA layers over a 4-bit base -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
-def test_lora_over_nf4_equals_lora_over_the_dequantized_weight(kind):
+def test_lora_over_nf4_equals_lora_over_the_dequantized_weight(kind, chunked, monkeypatch):
+    """Also with the weight dequantized in chunks of rows (a MergedLinear adds its slices into that output)."""
+    import lora.qlora
+
+    if chunked:
+        monkeypatch.setattr(lora.qlora, "_CHUNK_WEIGHTS", 64 * 64)  # 96 rows: chunks of 64 and 32
     torch.manual_seed(0)
     if kind == "Linear":
         layer = lora.Linear(64, 96, r=4, lora_alpha=8)
@@ -144,6 +185,43 @@ def test_lora_over_nf4_equals_lora_over_the_dequantized_weight(kind):
             getattr(layer, name).grad, getattr(reference[0], name).grad.float(), rtol=1e-5, atol=1e-5
         )
     assert layer.delta_weight().shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+def test_bf16_lora_over_nf4_multiplies_in_fp32_where_bf16_is_emulated(kind, monkeypatch):
+    """On a CPU without bf16 matrix units (lora.functional._gemm_dtype) no product of a bf16 LoRA layer over NF4 runs
+    in bf16 (torch would emulate it, many times slower): the 4-bit product and the adapter's run in fp32 over the
+    bf16 values; the output and the gradients stay bf16, close to the fp64 reference."""
+    import lora.qlora
+
+    monkeypatch.setattr(lora.functional, "_cpu_has_16bit_gemm", lambda dt: False)
+    monkeypatch.setattr(lora.qlora, "_CHUNK_WEIGHTS", 64 * 64)
+    torch.manual_seed(0)
+    if kind == "Linear":
+        layer = lora.Linear(64, 96, r=4, lora_alpha=8)
+    else:
+        layer = lora.MergedLinear(64, 96, r=4, lora_alpha=8, enable_lora=[True, False, True])
+    randomize_adapters(layer)
+    layer.to(torch.bfloat16)
+    lora.quantize(layer)
+    reference = dequantized_copy(nn.Sequential(layer)).double()
+    products = (F.linear, torch.mm, torch.matmul, torch.addmm, torch.Tensor.__matmul__, torch.Tensor.addmm_)
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                seen.append({a.dtype for a in args if isinstance(a, torch.Tensor)})
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    with Record():
+        y = layer(x)
+    assert seen and all(dtypes == {torch.float32} for dtypes in seen), seen
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert layer.lora_A.grad.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), reference(x.detach().double()), rtol=2e-2, atol=2e-2)
 
 
 def test_inject_into_quantized_model_and_train_only_adapters():

@@ -26,6 +26,8 @@ from typing import TypedDict, TypeVar
 import torch
 import torch.nn.functional as F
 
+from .functional import _gemm_dtype, _round
+
 __all__ = [
     "IGNORE_INDEX",
     "ROLES",
@@ -415,6 +417,7 @@ def _chunked_loss(
     """Summed cross-entropy of ``selected: (N, hidden) @ weight.T`` against ``targets: (N,)``, chunk by chunk, and
     the gradients of that sum with respect to ``selected`` and ``weight`` (fp32) where asked for."""
     compute = dtype if dtype is not None else torch.promote_types(selected.dtype, weight.dtype)
+    gemm = _gemm_dtype(compute, selected.device)  # fp32 where this CPU would emulate compute's products
     w = weight.detach().to(compute)
     total = torch.zeros((), dtype=torch.float32, device=selected.device)
     grad_hidden = torch.empty_like(selected) if want_hidden_grad else None
@@ -423,7 +426,7 @@ def _chunked_loss(
         for start in range(0, targets.numel(), chunk_size):
             h = selected[start : start + chunk_size].detach().to(compute)  # (n, hidden)
             t = targets[start : start + chunk_size]
-            logits = (h @ w.T).float()  # (n, hidden) @ (hidden, vocab) -> (n, vocab)
+            logits = _head_logits(h, w, gemm)  # (n, hidden) @ (hidden, vocab) -> (n, vocab), fp32
             lse = torch.logsumexp(logits, dim=-1)  # (n,)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if not (want_hidden_grad or want_weight_grad):
@@ -432,10 +435,46 @@ def _chunked_loss(
             grad = logits.sub_(lse[:, None]).exp_()
             grad[torch.arange(t.numel(), device=t.device), t] -= 1.0
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk_size] = grad.to(compute) @ w  # (n, vocab) @ (vocab, hidden)
+                grad_hidden[start : start + chunk_size] = _head_input_grad(grad, w, gemm)  # (n, hidden)
             if grad_weight is not None:
                 grad_weight += grad.T @ h.float()  # (vocab, n) @ (n, hidden) -> (vocab, hidden)
     return total, grad_hidden, grad_weight
+
+
+_HEAD_BLOCK_ELEMENTS = 2**22  # head weights upcast at a time on the fp32 route (16 MiB)
+
+
+def _vocab_blocks(w: torch.Tensor) -> range:
+    return range(0, w.shape[0], max(1, _HEAD_BLOCK_ELEMENTS // max(w.shape[1], 1)))
+
+
+def _head_logits(h: torch.Tensor, w: torch.Tensor, gemm: torch.dtype | None) -> torch.Tensor:
+    """``h: (n, hidden) @ w.T: (hidden, vocab)`` as fp32 ``(n, vocab)``, with the values of the product in ``h``'s
+    dtype. With ``gemm`` (fp32 over 16-bit operands, see :func:`lora.functional._gemm_dtype`) a block of the head's
+    rows is upcast at a time, so no fp32 copy of the whole head exists, and the product is rounded to the 16-bit
+    dtype as the 16-bit GEMM's would be."""
+    if gemm is None:
+        return (h @ w.T).float()
+    out = torch.empty(h.shape[0], w.shape[0], dtype=gemm, device=h.device)
+    hg = h.to(gemm)
+    step = _vocab_blocks(w).step
+    for v in _vocab_blocks(w):
+        torch.mm(hg, w[v : v + step].to(gemm).T, out=out[:, v : v + step])  # (n, hidden) @ (hidden, block)
+    return _round(out, h.dtype).float()
+
+
+def _head_input_grad(grad: torch.Tensor, w: torch.Tensor, gemm: torch.dtype | None) -> torch.Tensor:
+    """``grad: (n, vocab) @ w: (vocab, hidden)`` in ``w``'s dtype, from the gradient rounded to it (as the 16-bit
+    product takes it); with ``gemm``, over the head's rows a block at a time, summed in fp32."""
+    g = grad.to(w.dtype)
+    if gemm is None:
+        return g @ w
+    g = g.to(gemm)
+    out = torch.zeros(g.shape[0], w.shape[1], dtype=gemm, device=g.device)
+    step = _vocab_blocks(w).step
+    for v in _vocab_blocks(w):
+        out.addmm_(g[:, v : v + step], w[v : v + step].to(gemm))  # (n, block) @ (block, hidden)
+    return out.to(w.dtype)
 
 
 class _ChunkedLMHeadLoss(torch.autograd.Function):

@@ -357,3 +357,29 @@ def test_shuffled_batches_and_packing_arguments() -> None:
         collate_packed([], pad_token_id=0)
     with pytest.raises(ValueError, match=r"batch\[0\] has 2 input_ids but 1 labels"):
         collate_packed([{"input_ids": [1, 2], "labels": [1]}], pad_token_id=0)
+
+
+def test_lm_head_loss_16_bit_head_as_fp32_gemms_gives_the_16_bit_result(monkeypatch) -> None:
+    """On a CPU without bf16 matrix units (lora.functional._gemm_dtype) the head's bf16 products run as fp32 GEMMs
+    over the upcast values, a block of the head's rows at a time, rounded back: the bf16 products' values."""
+    import lora.data
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(2, 9, 32, generator=gen)).bfloat16().requires_grad_()
+    weight = (torch.randn(50, 32, generator=gen) * 0.3).bfloat16().requires_grad_()
+    labels = torch.randint(0, 50, (2, 9), generator=gen)
+    labels[0, :4] = IGNORE_INDEX
+    monkeypatch.setattr(lora.data, "_HEAD_BLOCK_ELEMENTS", 8 * 32)  # blocks of 8 rows: 7 blocks, the last of 2
+
+    def run(gemm):
+        monkeypatch.setattr(lora.data, "_gemm_dtype", lambda dtype, device: gemm)
+        loss = lm_head_loss(hidden, weight, labels, chunk_size=5)
+        return [loss.detach(), *torch.autograd.grad(loss, (hidden, weight))]
+
+    emulated, native = run(torch.float32), run(None)
+    for got, want in zip(emulated, native):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-3)
+    assert torch.equal(emulated[0], native[0]) or (emulated[0] - native[0]).abs() < 1e-4
+    same = (emulated[1] == native[1]).float().mean().item()  # the input's gradient: bf16, summed in fp32 either way
+    assert same > 0.9, same

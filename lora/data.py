@@ -26,7 +26,7 @@ from typing import TypedDict, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .functional import _gemm_dtype, _round
+from .functional import _gemm_dtype
 
 __all__ = [
     "IGNORE_INDEX",
@@ -459,21 +459,22 @@ def _head_logits(h: torch.Tensor, w: torch.Tensor, gemm: torch.dtype | None) -> 
     hg = h.to(gemm)
     step = _vocab_blocks(w).step
     for v in _vocab_blocks(w):
-        torch.mm(hg, w[v : v + step].to(gemm).T, out=out[:, v : v + step])  # (n, hidden) @ (hidden, block)
-    return _round(out, h.dtype).float()
+        block = out[:, v : v + step]
+        torch.mm(hg, w[v : v + step].to(gemm).T, out=block)  # (n, hidden) @ (hidden, block)
+        block.copy_(block.to(h.dtype))  # rounded as the 16-bit product is, a block at a time (in cache)
+    return out.float()
 
 
 def _head_input_grad(grad: torch.Tensor, w: torch.Tensor, gemm: torch.dtype | None) -> torch.Tensor:
     """``grad: (n, vocab) @ w: (vocab, hidden)`` in ``w``'s dtype, from the gradient rounded to it (as the 16-bit
     product takes it); with ``gemm``, over the head's rows a block at a time, summed in fp32."""
-    g = grad.to(w.dtype)
     if gemm is None:
-        return g @ w
-    g = g.to(gemm)
-    out = torch.zeros(g.shape[0], w.shape[1], dtype=gemm, device=g.device)
+        return grad.to(w.dtype) @ w
+    out = torch.zeros(grad.shape[0], w.shape[1], dtype=gemm, device=grad.device)
     step = _vocab_blocks(w).step
     for v in _vocab_blocks(w):
-        out.addmm_(g[:, v : v + step], w[v : v + step].to(gemm))  # (n, block) @ (block, hidden)
+        g = grad[:, v : v + step].to(w.dtype).to(gemm)  # (n, block), rounded to the head's dtype
+        out.addmm_(g, w[v : v + step].to(gemm))  # (n, block) @ (block, hidden)
     return out.to(w.dtype)
 
 

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     if set(wanted) - set(CASE_NAMES):
         p.error(f"unknown cases {sorted(set(wanted) - set(CASE_NAMES))}")
-    print("## bench_throughput: packing, and the chunked loss's peak memory\n")
+    print("## bench_throughput: packing, compiled layers, and the chunked loss's peak memory\n")
     print(_timing.header(torch.float32))
     print(
         f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); tok/s counts real tokens; "

@@ -283,13 +283,15 @@ def add_lora(model: nn.Module, impl: str, r: int = 16, lora_alpha: float = 32, l
     raise ValueError(f"unknown impl {impl!r}")
 
 
-def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of ``ids: (B, T)``, through the model's own ``labels=`` path when it has one."""
+def lm_loss(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy of ``ids: (B, T)``, through the model's own ``labels=`` path when it has one.
+    ``labels``: (B, T) with -100 where no loss is taken (default: ``ids``, every position labelled)."""
+    labels = ids if labels is None else labels
     params = inspect.signature(model.forward).parameters
     takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())  # PeftModel passes them on
     kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" in params or takes_kwargs else {}
     if "labels" in params:
-        out = model(ids, labels=ids, **kwargs)
+        out = model(ids, labels=labels, **kwargs)
         loss = getattr(out, "loss", None)
         if loss is None:
             loss = out["loss"] if isinstance(out, dict) else out[0]
@@ -298,16 +300,19 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = getattr(out, "logits", out)
     if isinstance(logits, (tuple, list)):
         logits = logits[0]
-    return causal_lm_loss(logits, ids)  # the loss our model's labels= path computes
+    return causal_lm_loss(logits, labels)  # the loss our model's labels= path computes
 
 
-def model_train_step(model: nn.Module, ids: torch.Tensor, lr: float = 1e-4) -> Callable[[], torch.Tensor]:
-    """One training step: forward, loss, backward, AdamW (torch defaults) over the parameters that require grad."""
+def model_train_step(
+    model: nn.Module, ids: torch.Tensor, lr: float = 1e-4, labels: torch.Tensor | None = None
+) -> Callable[[], torch.Tensor]:
+    """One training step: forward, loss (on ``labels``, default ``ids``), backward, AdamW (torch defaults) over the
+    parameters that require grad."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
-        loss = lm_loss(model, ids)
+        loss = lm_loss(model, ids, labels)
         loss.backward()
         opt.step()
         return loss.detach()

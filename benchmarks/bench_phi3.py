@@ -36,8 +36,14 @@ QUICK_SMALL = _impls.phi3_config_dict(hidden=128, layers=2, heads=4, intermediat
 QUICK_SHAPE_TOKENS = 256
 QUICK_BATCH = (2, 64)
 
+# chat_step: the share of next-token positions that carry a label (assistant tokens) in the example's built-in data,
+# examples/data/world_chat_train.jsonl tokenized with its own template (lora.phi3.tokenize_conversation): 38.3%
+# over all 1,176 conversations (per conversation: median 43.9%, 17.6% to 53.2%).
+CHAT_LABELLED_SHARE = 0.383
+
 SMALL_TARGET = 0.70  # "about 0.67x": 4N/6N of the FLOPs (no weight gradients for the frozen base)
-STEP_TARGET = 0.80
+STEP_TARGET = 0.75  # issue 15: ours <= 0.75x transformers + PEFT's step time, and <= 0.75x its peak memory
+PEAK_TARGET = 0.75
 
 
 def _mini(quick: bool) -> dict[str, Any]:
@@ -86,8 +92,18 @@ def build_small_step(impl: str, quick: bool) -> Callable[[], torch.Tensor]:
     return _impls.model_train_step(model, _ids(cfg, quick))
 
 
-def build_full_step(impl: str, quick: bool) -> Callable[[], torch.Tensor]:
-    """The whole LoRA step: this library's Phi-3 + its LoRA, or transformers' Phi-3 + PEFT, same weights and data."""
+def _chat_labels(ids: torch.Tensor) -> torch.Tensor:
+    """Labels as chat data has them: -100 except each row's last ``CHAT_LABELLED_SHARE`` of the positions (the
+    reply); ids: (B, T) -> (B, T)."""
+    labels = torch.full_like(ids, -100)
+    reply = round(CHAT_LABELLED_SHARE * ids.shape[1])
+    labels[:, -reply:] = ids[:, -reply:]
+    return labels
+
+
+def build_full_step(impl: str, quick: bool, chat: bool = False) -> Callable[[], torch.Tensor]:
+    """The whole LoRA step: this library's Phi-3 + its LoRA, or transformers' Phi-3 + PEFT, same weights and data;
+    every position labelled, or (``chat``) only each row's reply span, the same labels on both sides."""
     cfg = QUICK_SMALL if quick else SMALL
     hf = _impls.hf_phi3(cfg)
     if impl == "ours":
@@ -97,7 +113,12 @@ def build_full_step(impl: str, quick: bool) -> Callable[[], torch.Tensor]:
         model = _impls.add_lora(model, "ours", R, ALPHA, DROPOUT)
     else:
         model = _impls.add_lora(hf, "peft", R, ALPHA, DROPOUT)
-    return _impls.model_train_step(model, _ids(cfg, quick))
+    ids = _ids(cfg, quick)
+    return _impls.model_train_step(model, ids, labels=_chat_labels(ids) if chat else None)
+
+
+def build_chat_step(impl: str, quick: bool) -> Callable[[], torch.Tensor]:
+    return build_full_step(impl, quick, chat=True)
 
 
 @dataclass(frozen=True)
@@ -120,6 +141,12 @@ STEP_CASES = {
         "transformers+peft",
         ("transformers+peft", "ours"),
         build_full_step,
+    ),
+    "chat_step": StepCase(
+        f"small Phi-3 step, chat labels (each row's last {CHAT_LABELLED_SHARE:.1%}): ours vs transformers + PEFT",
+        "transformers+peft",
+        ("transformers+peft", "ours"),
+        build_chat_step,
     ),
 }
 
@@ -182,7 +209,7 @@ def projection_rows(args: argparse.Namespace) -> list[Row]:
 def step_rows(name: str, args: argparse.Namespace) -> list[Row]:
     case = STEP_CASES[name]
     impls = [i for i in case.impls if _impls.have(i.split("+")[-1])]
-    if name == "full_step":
+    if name in ("full_step", "chat_step"):
         cls, _, why = _impls.our_phi3()
         if cls is None:
             print(f"{name}: {why}")
@@ -191,6 +218,8 @@ def step_rows(name: str, args: argparse.Namespace) -> list[Row]:
     steps = {impl: case.build(impl, args.quick) for impl in impls}
     first_loss = {impl: float(step()) for impl, step in steps.items()}  # also the warm-up
     times = _timing.interleaved(steps, args.rounds, warmup=0, seed=args.seed)
+    if args.profile:
+        profile_ops(steps, args.profile)
     del steps
     b, t = QUICK_BATCH if args.quick else SMALL_BATCH
     measure = not args.no_peak and (not args.quick or name == "full_step")  # quick: one case, to exercise the path
@@ -202,16 +231,48 @@ def step_rows(name: str, args: argparse.Namespace) -> list[Row]:
         target, met = "", None
         if name == "small_step" and impl == "ours":
             target, met = f"about 0.67x (<= {SMALL_TARGET:.2f}x)", stats.median <= SMALL_TARGET
-        if name == "full_step" and impl == "ours":
-            target = f"<= {STEP_TARGET:.2f}x, peak <= baseline's"
+        if name in ("full_step", "chat_step") and impl == "ours":
+            target = f"<= {STEP_TARGET:.2f}x, peak <= {PEAK_TARGET:.2f}x"
             base_peak, our_peak = peaks[case.baseline], peaks[impl]
-            met = stats.median <= STEP_TARGET and (base_peak is None or our_peak is None or our_peak <= base_peak)
+            met = stats.median <= STEP_TARGET and (
+                base_peak is None or our_peak is None or our_peak <= PEAK_TARGET * base_peak
+            )
         extra = {"tok/s": f"{b * t / (ms / 1e3):.0f}", "first loss": f"{first_loss[impl]:.4f}"}
         rows.append(Row(case.label, impl, stats, ms, peaks[impl], target, met, extra))
     return rows
 
 
-CASE_NAMES = ["shapes", "small_step", "full_step"]
+def profile_ops(steps: dict[str, Callable[[], Any]], n_steps: int) -> None:
+    """torch.profiler's operators of ``n_steps`` steps of each implementation, side by side: milliseconds per step
+    (self CPU time, so that nested operators are not counted twice) and calls per step, the top 20 by the larger."""
+    from torch.profiler import profile
+
+    per_impl: dict[str, dict[str, tuple[float, float]]] = {}
+    for impl, step in steps.items():
+        with profile() as prof:
+            for _ in range(n_steps):
+                step()
+        per_impl[impl] = {
+            e.key: (e.self_cpu_time_total / 1e3 / n_steps, e.count / n_steps) for e in prof.key_averages()
+        }
+    impls = list(per_impl)
+    names = sorted(
+        {k for ops in per_impl.values() for k in ops},
+        key=lambda k: -max(o.get(k, (0, 0))[0] for o in per_impl.values()),
+    )
+    print(f"\noperators, self CPU ms per step (calls per step), {n_steps} profiled steps each:\n")
+    print("| operator | " + " | ".join(impls) + " |")
+    print("|---|" + "---|" * len(impls))
+    for name in names[:20]:
+        cells = [
+            f"{per_impl[i][name][0]:.1f} ({per_impl[i][name][1]:.0f})" if name in per_impl[i] else "-" for i in impls
+        ]
+        print(f"| {name[:60]} | " + " | ".join(cells) + " |")
+    totals = [f"{sum(v[0] for v in per_impl[i].values()):.1f}" for i in impls]
+    print("| total | " + " | ".join(totals) + " |\n")
+
+
+CASE_NAMES = ["shapes", "small_step", "full_step", "chat_step"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     _timing.add_common_args(p, ROUNDS, QUICK_ROUNDS, CASE_NAMES)
     p.add_argument("--shape-peaks", action="store_true", help="also measure each projection's peak (slow)")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing a step case, profile N steps of each implementation: operators side by side (default 0: off)",
+    )
     args = p.parse_args(argv)
     _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
     if args.child:

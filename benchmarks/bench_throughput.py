@@ -5,6 +5,7 @@ against transformers + PEFT. fp32 on the CPU; ratios interleaved in one process 
     python benchmarks/bench_throughput.py                      # both cases
     python benchmarks/bench_throughput.py --cases packing      # one
     python benchmarks/bench_throughput.py --phi4-seq 2048      # the issue's 1 x 2048 (minutes per step on 2 cores)
+    python benchmarks/bench_throughput.py --cases compile --compile-dropout 0 --compile-dynamic   # one variant per run
 """
 
 from __future__ import annotations
@@ -63,17 +64,30 @@ def _rows(kind: str) -> list[dict]:
     return rows
 
 
-def build_pass(rows: list[dict], packing: bool, compile: bool = False) -> Callable[[], float]:
-    """One pass over ``rows`` in micro-batches of BATCH, as the example trains: forward with labels, backward, AdamW."""
+def build_pass(
+    rows: list[dict],
+    packing: bool,
+    compile: bool = False,
+    dropout: float = 0.05,
+    fallback_random: bool = False,
+    **compile_kwargs: Any,
+) -> Callable[[], float]:
+    """One pass over ``rows`` in micro-batches of BATCH, as the example trains: forward with labels, backward, AdamW.
+    ``compile``: ``compile_layers(**compile_kwargs)``, compiled by the warm-up pass; ``fallback_random``: inductor
+    draws random numbers (the LoRA dropout masks) with torch's eager kernels, not its generated code."""
+    import torch._inductor.config
+
     import lora
     from lora.phi3 import Phi3ForCausalLM
 
     model = Phi3ForCausalLM.from_pretrained(_timing.ROOT / "examples" / "phi3-tiny")
-    lora.phi3.inject(model, r=16, lora_alpha=32, lora_dropout=0.05)
+    lora.phi3.inject(model, r=16, lora_alpha=32, lora_dropout=dropout)
     lora.mark_only_lora_as_trainable(model)
     model.train()
     if compile:
-        model.compile_layers()  # inductor; the warm-up pass compiles (and recompiles once for dynamic shapes)
+        # inductor; the warm-up pass compiles: layer 0 (whose input needs no gradient) and the others apart, each
+        # once with the first batch's static shapes and once more with a dynamic sequence length
+        model.compile_layers(**compile_kwargs)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if packing:
         batches = [collate_packed([rows[i] for i in b], 256) for b in shuffled_batches(len(rows), BATCH, 0, 0)]
@@ -82,6 +96,10 @@ def build_pass(rows: list[dict], packing: bool, compile: bool = False) -> Callab
         batches = [collate([rows[i] for i in b], 256) for b in length_grouped_batches(lengths, BATCH, 0, 0)]
 
     def step() -> float:
+        with torch._inductor.config.patch(fallback_random=fallback_random):  # read when a graph is compiled
+            return one_pass()
+
+    def one_pass() -> float:
         total = 0.0
         for batch in batches:
             opt.zero_grad(set_to_none=True)
@@ -114,16 +132,35 @@ def packing_rows(args: argparse.Namespace) -> list[Row]:
 
 
 def compile_rows(args: argparse.Namespace) -> list[Row]:
+    """Compiled layers against eager (the fused LoRA path), one compile setting per run: dynamo shares compiled
+    graphs between models of the same structure, so two compiled variants in one process would measure one."""
+    from torch._dynamo.utils import counters
+
     data = _rows("built-in data")
-    print("running compile (the warm-up pass compiles) ...", file=sys.stderr, flush=True)
-    steps = {"eager": build_pass(data, packing=False), "compiled": build_pass(data, packing=False, compile=True)}
+    dropout, kwargs = args.compile_dropout, {"dynamic": True} if args.compile_dynamic else {}
+    variant = ", ".join(
+        [f"LoRA dropout {dropout}"]
+        + (["dynamic=True"] if args.compile_dynamic else [])
+        + (["fallback_random"] if args.compile_fallback_random else [])
+    )
+    print(f"running compile ({variant}; the warm-up passes compile) ...", file=sys.stderr, flush=True)
+    steps = {
+        "eager": build_pass(data, packing=False, dropout=dropout),
+        "compiled": build_pass(
+            data, packing=False, compile=True, dropout=dropout, fallback_random=args.compile_fallback_random, **kwargs
+        ),
+    }
     times = _timing.interleaved(steps, args.rounds, warmup=2, seed=args.seed)
+    print(
+        f"dynamo: {counters['stats']['unique_graphs']} graphs compiled, "
+        f"{sum(counters['graph_break'].values())} graph breaks\n"
+    )
     rows = []
     for impl, step in steps.items():
         stats = None if impl == "eager" else _timing.ratio_stats(times, impl, "eager")
         ms = _timing.median_ms(times[impl])
         extra = {"tok/s": f"{step.shape[1] / (ms / 1e3):.0f}"}
-        label = f"tiny Phi-3 + LoRA, {len(data)} conversations (built-in data), batches of {BATCH}, torch.compile"
+        label = f"tiny Phi-3 + LoRA, {len(data)} conversations (built-in data), batches of {BATCH}, {variant}"
         rows.append(Row(label, impl, stats, ms, None, "", None, extra))
     return rows
 
@@ -192,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         default=PHI4_LAYERS,
         help=f"decoder layers of the Phi-4-shaped model (default: {PHI4_LAYERS})",
     )
+    p.add_argument(
+        "--compile-dropout", type=float, default=0.05, help="LoRA dropout of the compile case (default: 0.05)"
+    )
+    p.add_argument(
+        "--compile-dynamic",
+        action="store_true",
+        help="compile case: dynamic=True (one graph for every length) instead of torch's default (default: off)",
+    )
+    p.add_argument(
+        "--compile-fallback-random",
+        action="store_true",
+        help="compile case: inductor draws random numbers with torch's eager kernels (default: off)",
+    )
     args = p.parse_args(argv)
     _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
     if args.child:
@@ -203,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     if set(wanted) - set(CASE_NAMES):
         p.error(f"unknown cases {sorted(set(wanted) - set(CASE_NAMES))}")
-    print("## bench_throughput: packing, and the chunked loss's peak memory\n")
+    print("## bench_throughput: packing, compiled layers, and the chunked loss's peak memory\n")
     print(_timing.header(torch.float32))
     print(
         f"rounds: {args.rounds} interleaved (ratios per round, then median/min/max); tok/s counts real tokens; "

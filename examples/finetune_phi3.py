@@ -86,7 +86,7 @@ training_config = dict(
     max_grad_norm=1.0,
     max_seq_length=2048,
     eval_fraction=0.05,  # held out of --data for the eval loss, unless --eval_data is given
-    eval_steps=40,
+    eval_steps=70,  # 4 eval losses over the default 280 steps (each a forward pass over the eval split)
     save_steps=40,
     save_total_limit=2,
     logging_steps=10,
@@ -480,23 +480,27 @@ def eval_loss(model, rows: list[dict], cfg: dict, pad_id: int, device) -> float:
 
 @torch.no_grad()
 def replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int, device) -> list[str]:
-    """Greedy replies to each prompt's messages (batched with left padding), decoded up to ``<|end|>``."""
+    """Greedy replies to each prompt's messages, in the prompts' order, decoded up to ``<|end|>``. Batched with left
+    padding, prompts of similar length together (less padding to attend over), each batch ending when its every
+    reply has."""
     was_training = model.training
     model.eval()
-    out: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        encoded = [encode_prompt(p, tokenizer) for p in prompts[i : i + batch_size]]
-        T = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), T), tokenizer.pad_token_id, dtype=torch.long)
+    encoded = [encode_prompt(p, tokenizer) for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    out: list[str] = [""] * len(encoded)
+    for i in range(0, len(order), batch_size):
+        batch = order[i : i + batch_size]
+        T = max(len(encoded[j]) for j in batch)
+        ids = torch.full((len(batch), T), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
-        for b, e in enumerate(encoded):
-            ids[b, T - len(e) :], mask[b, T - len(e) :] = torch.tensor(e), 1
+        for b, j in enumerate(batch):
+            ids[b, T - len(encoded[j]) :], mask[b, T - len(encoded[j]) :] = torch.tensor(encoded[j]), 1
         gen = model.generate(
             ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_token_id=list(tokenizer.stop_token_ids)
         )
-        for row in gen[:, T:].tolist():
-            stop = next((j for j, t in enumerate(row) if t in tokenizer.stop_token_ids), len(row))
-            out.append(tokenizer.decode(row[:stop], skip_special_tokens=True).strip())
+        for j, row in zip(batch, gen[:, T:].tolist()):
+            stop = next((k for k, t in enumerate(row) if t in tokenizer.stop_token_ids), len(row))
+            out[j] = tokenizer.decode(row[:stop], skip_special_tokens=True).strip()
     model.train(was_training)
     return out
 
@@ -734,6 +738,7 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler, cfg: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    clock = Stopwatch()
     args = parse_settings(argv)
     cfg, lcfg = args.training_config, args.lora_config
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -799,6 +804,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{', linear weights in NF4 (QLoRA)' if cfg['quantize'] == 'nf4' else ''}, {device}, world size {world}"
     )
 
+    clock.lap("model")
+
     # Data.
     with _reading("--data"):
         conversations, stats = load_conversations(args.data, skip_malformed=cfg["skip_malformed"])
@@ -837,6 +844,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{train_counts['dropped_no_target']} dropped with no assistant token left"
     )
 
+    clock.lap("data")
     global_bs = cfg["per_device_train_batch_size"] * world
     steps_per_epoch = len(
         step_batches(train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], 0, cfg["packing"])
@@ -892,16 +900,19 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     metrics = (run / "metrics.jsonl").open("a") if is_main else None
     everyone = cfg["fsdp"]  # sharded: every forward (eval, generation) and every save is a collective
+    clock.lap("setup")
     if (is_main or everyone) and resume_from is None:
         results["before"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
         report("before training", results["before"], say)
         if is_main and results["before"]["eval_loss"] is not None:  # step 0: the curve starts where training did
             metrics.write(json.dumps({"step": 0, "eval_loss": results["before"]["eval_loss"]}) + "\n")
+        clock.lap("evaluation before training")
 
     # Train.
     progress = _progress(total_steps, position["step"], is_main)
     model.train()
     tokens_seen, t0, window_loss, window_tokens = 0, time.time(), 0.0, 0
+    final_eval_loss = None  # the eval loss at the last step, if taken: the evaluation after training reuses it
     while position["step"] < total_steps:
         steps = step_batches(
             train_rows, global_bs, cfg["gradient_accumulation_steps"], cfg["seed"], position["epoch"], cfg["packing"]
@@ -949,11 +960,14 @@ def main(argv: list[str] | None = None) -> dict:
                 }
                 window_loss, window_tokens = 0.0, 0
             if (is_main or everyone) and (step % cfg["eval_steps"] == 0 or step == total_steps) and eval_rows:
+                clock.lap("training steps")
                 row = {
                     "step": step,
                     **row,
                     "eval_loss": eval_loss(model, eval_rows, cfg, tokenizer.pad_token_id, device),
                 }
+                final_eval_loss = row["eval_loss"] if step == total_steps else None
+                clock.lap("eval loss during training")
             if is_main and row:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -961,7 +975,9 @@ def main(argv: list[str] | None = None) -> dict:
             if (is_main or everyone) and (
                 step % cfg["save_steps"] == 0 or step == total_steps
             ):  # last: --resume sees it done
+                clock.lap("training steps")
                 save_checkpoint(run, model, optimizer, scheduler, position, cfg, settings)
+                clock.lap("checkpoints")
             if args.kill_after_step == step:
                 os.kill(os.getpid(), signal.SIGKILL)  # a real crash, for the resume test
             if step >= total_steps:
@@ -969,6 +985,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             position = {"step": position["step"], "epoch": position["epoch"] + 1, "batch_in_epoch": 0}
     progress.close()
+    clock.lap("training steps")
 
     # Outputs.
     if is_main:
@@ -983,7 +1000,9 @@ def main(argv: list[str] | None = None) -> dict:
             lora.export_peft(
                 model, run / "peft", base_model_name_or_path=str(args.model), uniform_rank=True, convert_to_lora=True
             )
-        results["after"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device)
+        clock.lap("saving")
+        results["after"] = evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device, final_eval_loss)
+        clock.lap("evaluation after training")
     if is_main:
         report("after training", results["after"], say)
         if "before" in results:
@@ -992,6 +1011,9 @@ def main(argv: list[str] | None = None) -> dict:
             write_merged(model, args.model, run / "merged", cfg)
             say(f"merged model written to {run / 'merged'}")
         plot_losses(run, f"{'full' if cfg['full_finetune'] else 'LoRA'} fine-tuning of {args.model.name} ({run.name})")
+        clock.lap("saving")
+        results["seconds"] = clock.summary()  # where this run's wall time went (from main's start)
+        say("time: " + ", ".join(f"{k} {v:.1f} s" for k, v in results["seconds"].items()))
         (run / "results.json").write_text(json.dumps({k: v for k, v in results.items()}, indent=2, default=str) + "\n")
         list_outputs(run, say)
         say(f"chat with the result:\n  {chat_command(run, args.model, cfg)}")
@@ -1002,8 +1024,11 @@ def main(argv: list[str] | None = None) -> dict:
     return results
 
 
-def evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device) -> dict:
-    out = {"eval_loss": eval_loss(model, eval_rows, cfg, tokenizer.pad_token_id, device) if eval_rows else None}
+def evaluate(model, tokenizer, eval_rows, qa, sample_prompts, cfg, device, known_loss: float | None = None) -> dict:
+    """Eval loss (``known_loss`` if the model's was just computed), held-out accuracy and sample replies."""
+    if known_loss is None and eval_rows:
+        known_loss = eval_loss(model, eval_rows, cfg, tokenizer.pad_token_id, device)
+    out = {"eval_loss": known_loss}
     if qa:
         out["qa"], _ = qa_accuracy(model, tokenizer, qa, cfg, device)
     out["samples"] = replies(model, tokenizer, sample_prompts, cfg["max_new_tokens"], len(sample_prompts) or 1, device)
@@ -1123,6 +1148,25 @@ def missing_extras() -> list[str]:
         except ImportError:
             missing.append(f"{module} ({adds})")
     return missing
+
+
+class Stopwatch:
+    """Wall seconds per phase of a run (model load, data, evaluation, training steps, saving), for the closing line
+    and ``results.json``: where the run's time goes. ``lap(phase)`` adds the time since the previous lap (or since
+    the start) to ``phase``; a phase may recur (training steps between evals)."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - self.last
+        self.last = now
+
+    def summary(self) -> dict[str, float]:
+        """Each phase's seconds, rounded, and ``total``: the seconds since the start."""
+        return {**{k: round(v, 2) for k, v in self.seconds.items()}, "total": round(self.last - self.start, 2)}
 
 
 class _PlainProgress:

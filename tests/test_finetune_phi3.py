@@ -115,6 +115,13 @@ def test_run_writes_every_output_and_learns(tiny_model, chats, tmp_path):
     assert all({"lr", "tokens_per_s"} <= r.keys() for r in rows if "loss" in r)
     assert results["after"]["eval_loss"] < results["before"]["eval_loss"]
     assert json.loads((out / "config.json").read_text())["lora_config"]["r"] == 16
+    # Where the wall time went: laps over every phase, which add up to the total.
+    seconds = json.loads((out / "results.json").read_text())["seconds"]
+    phases = {k: v for k, v in seconds.items() if k != "total"}
+    assert {"model", "data", "evaluation before training", "training steps", "eval loss during training"} <= set(phases)
+    assert {"checkpoints", "saving", "evaluation after training"} <= set(phases)
+    assert all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) == pytest.approx(seconds["total"], abs=0.01 * len(phases))
 
     # The merged model (HF layout) gives the logits of base + adapter.
     merged = Phi3ForCausalLM.from_pretrained(out / "merged")

@@ -8,11 +8,10 @@ frozen layer, but written as separate torch ops it costs far more (PEFT and lora
 * the dropout mask is one Bernoulli draw per input element (tens of milliseconds per 4096 x 3072 on a CPU,
   a quarter of the frozen layer's time), and ``dropout(x)`` is a second copy of the input kept for the backward.
 
-Here the low-rank product is accumulated straight into the frozen layer's GEMM output (``addmm_``, forward) and the
-frozen layer's input gradient straight into the low-rank one (``addmm_``, the GEMM's own ``beta = 1``, backward),
-and dropout is computed from the *dropped* positions only: with probability ``p`` each element is dropped
-independently, so the gaps between dropped positions are geometric and ``n * p`` random numbers place all of them
-(Knuth's method) instead of ``n``. On the CPU the mask is never materialised: the products that need ``dropout(x)``
+Here the frozen layer's GEMM accumulates its product straight into the low-rank term (the GEMM's own ``beta = 1``),
+in the forward and for the input gradient in the backward, and dropout is computed from the *dropped* positions
+only: with probability ``p`` each element is dropped independently, so the gaps between dropped positions are
+geometric and ``n * p`` random numbers place all of them (Knuth's method) instead of ``n``. On the CPU the mask is never materialised: the products that need ``dropout(x)``
 (``x A^T`` forward, ``dL/dh^T x`` for ``A``'s gradient) read it chunk by chunk of rows, each chunk a copy of a few
 MiB with its dropped entries zeroed, still in cache when the product reads it; the backward saves the input (already
 alive) plus the dropped positions (int32, ``4 p`` bytes per element). On CUDA (``dense_mask``) an ordinary dense
@@ -74,6 +73,16 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
+def _gaps(blocks: Sequence[Block], n: int) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]``: the runs of the ``n`` output columns that no block covers."""
+    gaps, at = [], 0
+    for start, size, _, _ in sorted(blocks):
+        if start > at:
+            gaps.append((at, start))
+        at = max(at, start + size)
+    return gaps + ([(at, n)] if at < n else [])
+
+
 # Rows per chunk of the masked copies below: a few MiB, so that a chunk is still in cache when its product reads it.
 _CHUNK_ELEMENTS = 2**19
 
@@ -126,10 +135,7 @@ class _FusedLoRALinear(torch.autograd.Function):
         # order of fp32 accumulation.
         dtype = x2.dtype
         c = gemm_dtype or dtype
-        X, Wt, A_c = x2.to(c), weight_t.to(c), A.to(c)  # no-ops without gemm_dtype
-        out = torch.addmm(bias.to(c), X, Wt) if bias is not None else X @ Wt  # (N, in) @ (in, out)
-        del Wt  # with gemm_dtype an fp32 copy of the weight: free it now (the backward upcasts again)
-        out = _round(out, dtype)  # the 16-bit path rounds here, and again after adding the LoRA term
+        X, A_c = x2.to(c), A.to(c)  # no-ops without gemm_dtype
         pos = mask = None
         if p > 0 and dense_mask:
             # On a GPU a dense mask is cheap to draw and the sparse path's host syncs are not: keep a bool mask.
@@ -144,13 +150,26 @@ class _FusedLoRALinear(torch.autograd.Function):
             h = _round(h, dtype).mul_(1.0 / (1.0 - p))  # the 16-bit path rounds the product, then the scaled h
         else:
             h = X @ A_c.T  # (N, in) @ (in, R) -> (N, R)
-        h = _round(h, dtype)
-        del X
-        h = h.to(dtype)
-        h_c, B_c = h.to(c), B.to(c)
+        h = _round(h, dtype).to(dtype)
+        # The output: first the LoRA term and the bias, written once (no read), then the frozen layer's product
+        # accumulated into it by the GEMM itself (beta = 1), which reads its output block by block anyway.
+        out = torch.empty(x2.shape[0], weight_t.shape[1], dtype=c, device=x2.device)
+        h_c, B_c, bias_c = h.to(c), B.to(c), bias.to(c) if bias is not None else None
         for start, size, b_row, a_row in blocks:
-            # (N, r) @ (r, size) accumulated into this slice's columns of the frozen layer's output
-            out[:, start : start + size].addmm_(h_c[:, a_row : a_row + r], B_c[b_row : b_row + size].T, alpha=scaling)
+            h_i, B_i = h_c[:, a_row : a_row + r], B_c[b_row : b_row + size].T * scaling  # (N, r), (r, size)
+            if bias_c is not None:  # the bias as one more rank: [h, 1] @ [s B^T; bias], (N, r + 1) @ (r + 1, size)
+                h_i = torch.cat([h_i, h_i.new_ones(h_i.shape[0], 1)], 1)
+                B_i = torch.cat([B_i, bias_c[None, start : start + size]])
+            torch.mm(h_i, B_i, out=out[:, start : start + size])
+        for start, stop in _gaps(blocks, weight_t.shape[1]):  # columns without an adapter: the bias, or zeros
+            if bias_c is not None:
+                out[:, start:stop] = bias_c[start:stop]
+            else:
+                out[:, start:stop] = 0
+        out = _round(out, dtype)  # the 16-bit path rounds the LoRA term, then the output
+        # out= rather than addmm_: the same in-place GEMM, and torch's FlopCounterMode counts it (not addmm_)
+        torch.addmm(out, X, weight_t.to(c), out=out)  # (N, in) @ (in, out)
+        del X
         ctx.save_for_backward(x2, weight_t, A, B, h, pos, mask)
         ctx.scaling, ctx.p, ctx.blocks, ctx.r, ctx.has_bias = scaling, p, blocks, r, bias is not None
         ctx.gemm_dtype = gemm_dtype
@@ -191,7 +210,7 @@ class _FusedLoRALinear(torch.autograd.Function):
                 grad_x = _round(torch.mm(_round(gh.mul(keep_scale), dtype) if p > 0 else gh, A_c), dtype)
                 if pos is not None:
                     grad_x.view(-1)[pos] = 0  # dropped inputs get no LoRA gradient
-                grad_x.addmm_(g, weight_t.to(c).T)  # (N, out) @ (out, in)
+                torch.addmm(grad_x, g, weight_t.to(c).T, out=grad_x)  # (N, out) @ (out, in), in place
         if need_a:
             if mask is not None:
                 grad_A = gh.T @ (x2.to(c) * mask)  # (R, N) @ (N, in)
@@ -201,7 +220,7 @@ class _FusedLoRALinear(torch.autograd.Function):
                 for start, stop, chunk in _masked_chunks(x2, pos, c):
                     # (R, rows) @ (rows, in): the dropped inputs are zeros
                     if grad_A.dtype == c:
-                        grad_A.addmm_(gh[start:stop].T, chunk)
+                        torch.addmm(grad_A, gh[start:stop].T, chunk, out=grad_A)
                     else:
                         grad_A += gh[start:stop].T @ chunk
             else:
@@ -333,20 +352,13 @@ class _FusedLoRAConv(torch.autograd.Function):
             gh = torch.matmul(B_w.T * scaling, g3).view(g.shape[0], -1, *g.shape[2:])  # (r, out) @ (N, out, P)
             grad_A = torch.ops.aten.convolution_backward(gh, x, A_w, output_mask=[False, True, False], **args)[1]
         if need_bb:
-            # A's r filters padded with zero filters to the conv library's channel blocking: a conv with only r
-            # output channels runs far below the rate of one with 16.
-            r = A_w.shape[0]
-            filters = torch.cat([A_w, A_w.new_zeros(-r % _CHANNEL_BLOCK, *A_w.shape[1:])])
-            h = _CONV[x.dim() - 2](x, filters, None, stride, padding, dilation, 1)[:, :r]  # (N, r, *S')
+            h = _CONV[x.dim() - 2](x, A_w, None, stride, padding, dilation, 1)  # (N, r, *S')
             # (N, out, P) @ (N, P, r) summed over the batch -> (out, r)
             grad_B = torch.bmm(g3, h.flatten(2).transpose(1, 2)).sum(0) * scaling
         if need_w:
             grad_w = torch.ops.aten.convolution_backward(g, x, merged, output_mask=[False, True, False], **args)[1]
         grad_bias = g.sum(dim=[0, *spatial]) if need_b and has_bias else None
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
-
-
-_CHANNEL_BLOCK = 16
 
 
 def fused_lora_conv(x, weight, bias, A_w, B_w, scaling: float, stride, padding, dilation) -> torch.Tensor:

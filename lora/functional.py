@@ -332,13 +332,20 @@ class _FusedLoRAConv(torch.autograd.Function):
             gh = torch.matmul(B_w.T * scaling, g3).view(g.shape[0], -1, *g.shape[2:])  # (r, out) @ (N, out, P)
             grad_A = torch.ops.aten.convolution_backward(gh, x, A_w, output_mask=[False, True, False], **args)[1]
         if need_bb:
-            h = _CONV[x.dim() - 2](x, A_w, None, stride, padding, dilation, 1)  # (N, r, *S')
+            # A's r filters padded with zero filters to the conv library's channel blocking: a conv with only r
+            # output channels runs far below the rate of one with 16.
+            r = A_w.shape[0]
+            filters = torch.cat([A_w, A_w.new_zeros(-r % _CHANNEL_BLOCK, *A_w.shape[1:])])
+            h = _CONV[x.dim() - 2](x, filters, None, stride, padding, dilation, 1)[:, :r]  # (N, r, *S')
             # (N, out, P) @ (N, P, r) summed over the batch -> (out, r)
             grad_B = torch.bmm(g3, h.flatten(2).transpose(1, 2)).sum(0) * scaling
         if need_w:
             grad_w = torch.ops.aten.convolution_backward(g, x, merged, output_mask=[False, True, False], **args)[1]
         grad_bias = g.sum(dim=[0, *spatial]) if need_b and has_bias else None
         return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None, None
+
+
+_CHANNEL_BLOCK = 16
 
 
 def fused_lora_conv(x, weight, bias, A_w, B_w, scaling: float, stride, padding, dilation) -> torch.Tensor:

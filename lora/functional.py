@@ -9,14 +9,14 @@ frozen layer, but written as separate torch ops it costs far more (PEFT and lora
   a quarter of the frozen layer's time), and ``dropout(x)`` is a second copy of the input kept for the backward.
 
 Here the low-rank product is accumulated straight into the frozen layer's GEMM output (``addmm_``, forward), the
-frozen layer's input gradient straight into the low-rank one (the GEMM's own ``beta = 1``, backward), and dropout is computed from the *dropped* positions
-only: with probability ``p`` each element is dropped independently, so the gaps between dropped positions are
-geometric and ``n * p`` random numbers place all of them (Knuth's method) instead of ``n``. On the CPU the mask is never materialised: the products that need ``dropout(x)``
-(``x A^T`` forward, ``dL/dh^T x`` for ``A``'s gradient) read it chunk by chunk of rows, each chunk a copy of a few
-MiB with its dropped entries zeroed, still in cache when the product reads it; the backward saves the input (already
-alive) plus the dropped positions (int32, ``4 p`` bytes per element). On CUDA (``dense_mask``) an ordinary dense
-mask is drawn instead, one bool per input element: there it is cheap, and the sparse path's host synchronisations
-are not.
+frozen layer's input gradient straight into the low-rank one (the GEMM's own ``beta = 1``, backward), and dropout
+is computed from the *dropped* positions only: with probability ``p`` each element is dropped independently, so
+the gaps between dropped positions are geometric and ``n * p`` random numbers place all of them (Knuth's method)
+instead of ``n``. On the CPU the mask is never materialised: the products that need ``dropout(x)`` (``x A^T``
+forward, ``dL/dh^T x`` for ``A``'s gradient) read it chunk by chunk of rows, each chunk a copy of a few MiB with
+its dropped entries zeroed, still in cache when the product reads it; the backward saves the input (already alive)
+plus the dropped positions (int32, ``4 p`` bytes per element). On CUDA (``dense_mask``) an ordinary dense mask is
+drawn instead, one bool per input element: there it is cheap, and the sparse path's host synchronisations are not.
 
 The result is the same distribution as ``nn.Dropout`` (an independent Bernoulli(p) per element, survivors scaled
 by ``1 / (1 - p)``), drawn from torch's default generator (so ``torch.manual_seed`` and ``get_rng_state`` /

@@ -65,11 +65,19 @@ def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _low_rank_gemm_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
-    """fp32 where the plain ops' 16-bit low-rank products (the adapter's dtype, or autocast's) would be emulated by
-    this CPU (:func:`lora.functional._gemm_dtype`), else None. The fused functions take the same route themselves."""
+def _emulated_low_rank_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
+    """The 16-bit dtype of the plain ops' low-rank products (the adapter's, or autocast's) where this CPU would
+    emulate it (:func:`lora.functional._gemm_dtype`), else None. Those products then run as fp32 GEMMs over the
+    exactly upcast 16-bit operands, each result rounded to the 16-bit dtype (:func:`_low_rank`): the 16-bit values
+    at fp32 speed, as the fused functions compute them."""
     autocast = torch.is_autocast_enabled(x.device.type)
-    return _gemm_dtype(torch.get_autocast_dtype(x.device.type) if autocast else lora_A.dtype, x.device)
+    dtype = torch.get_autocast_dtype(x.device.type) if autocast else lora_A.dtype
+    return dtype if _gemm_dtype(dtype, x.device) is not None else None
+
+
+def _as_16_bit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t``'s values in ``dtype``, held in fp32 (differentiable)."""
+    return t.to(dtype).float()
 
 
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
@@ -349,11 +357,15 @@ class Linear(_LinearKind, nn.Linear):
                 compute_dtype=dtype,
             )
         result = base_linear(x, weight, bias)
-        c = _low_rank_gemm_dtype(x, A)
-        with torch.autocast(x.device.type, enabled=False) if c else contextlib.nullcontext():
-            A, B, x = (A.to(c), B.to(c), x.to(c)) if c else (A, B, _lora_input(x, A))
+        low = _emulated_low_rank_dtype(x, A)
+        if low is None:
+            x = _lora_input(x, A)
             h = F.linear(self.lora_dropout(x) if dropout else x, A)  # (..., in) -> (..., r)
             return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
+        with torch.autocast(x.device.type, enabled=False):  # the same products, as fp32 GEMMs rounded to low
+            x, A, B = (_as_16_bit(t, low) for t in (x, A, B))
+            h = _as_16_bit(F.linear(self.lora_dropout(x) if dropout else x, A) * self.scaling, low)
+            return result + _as_16_bit(F.linear(h, B), low).to(result.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -529,15 +541,20 @@ class MergedLinear(_LinearKind, nn.Linear):
                 compute_dtype=dtype,
             )
         result = base_linear(x, weight, bias)
-        c = _low_rank_gemm_dtype(x, self.lora_A)
-        with torch.autocast(x.device.type, enabled=False) if c else contextlib.nullcontext():
-            A, x = (self.lora_A.to(c), x.to(c)) if c else (self.lora_A, _lora_input(x, self.lora_A))
+        low = _emulated_low_rank_dtype(x, self.lora_A)  # with it: fp32 GEMMs rounded to low, as in Linear
+        with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
+            A, x = (
+                (_as_16_bit(self.lora_A, low), _as_16_bit(x, low))
+                if low
+                else (self.lora_A, _lora_input(x, self.lora_A))
+            )
             h = F.linear(self.lora_dropout(x) if dropout else x, A) * self.scaling  # (..., r * n)
+            h = _as_16_bit(h, low) if low else h
             for i, (start, size, _, B_i) in enumerate(self._slice_params()):
-                B_i = B_i.to(c) if c else B_i
+                B_i = _as_16_bit(B_i, low) if low else B_i
                 # (..., r) @ (r, size) -> (..., size), added in place into this slice's columns of the output
-                h_i = h[..., i * self.r : (i + 1) * self.r]
-                result[..., start : start + size] += F.linear(h_i, B_i).to(result.dtype)
+                y = F.linear(h[..., i * self.r : (i + 1) * self.r], B_i)
+                result[..., start : start + size] += (_as_16_bit(y, low) if low else y).to(result.dtype)
         return result
 
 

@@ -26,7 +26,7 @@ from typing import TypedDict, TypeVar
 import torch
 import torch.nn.functional as F
 
-from .functional import _gemm_dtype
+from .functional import _gemm_dtype, _row_blocks
 
 __all__ = [
     "IGNORE_INDEX",
@@ -441,13 +441,6 @@ def _chunked_loss(
     return total, grad_hidden, grad_weight
 
 
-_HEAD_BLOCK_ELEMENTS = 2**22  # head weights upcast at a time on the fp32 route (16 MiB)
-
-
-def _vocab_blocks(w: torch.Tensor) -> range:
-    return range(0, w.shape[0], max(1, _HEAD_BLOCK_ELEMENTS // max(w.shape[1], 1)))
-
-
 def _head_logits(h: torch.Tensor, w: torch.Tensor, gemm: torch.dtype | None) -> torch.Tensor:
     """``h: (n, hidden) @ w.T: (hidden, vocab)`` as fp32 ``(n, vocab)``, with the values of the product in ``h``'s
     dtype. With ``gemm`` (fp32 over 16-bit operands, see :func:`lora.functional._gemm_dtype`) a block of the head's
@@ -457,10 +450,9 @@ def _head_logits(h: torch.Tensor, w: torch.Tensor, gemm: torch.dtype | None) -> 
         return (h @ w.T).float()
     out = torch.empty(h.shape[0], w.shape[0], dtype=gemm, device=h.device)
     hg = h.to(gemm)
-    step = _vocab_blocks(w).step
-    for v in _vocab_blocks(w):
-        block = out[:, v : v + step]
-        torch.mm(hg, w[v : v + step].to(gemm).T, out=block)  # (n, hidden) @ (hidden, block)
+    for v in _row_blocks(*w.shape):
+        block = out[:, v]
+        torch.mm(hg, w[v].to(gemm).T, out=block)  # (n, hidden) @ (hidden, block)
         block.copy_(block.to(h.dtype))  # rounded as the 16-bit product is, a block at a time (in cache)
     return out.float()
 
@@ -471,10 +463,9 @@ def _head_input_grad(grad: torch.Tensor, w: torch.Tensor, gemm: torch.dtype | No
     if gemm is None:
         return grad.to(w.dtype) @ w
     out = torch.zeros(grad.shape[0], w.shape[1], dtype=gemm, device=grad.device)
-    step = _vocab_blocks(w).step
-    for v in _vocab_blocks(w):
-        g = grad[:, v : v + step].to(w.dtype).to(gemm)  # (n, block), rounded to the head's dtype
-        out.addmm_(g, w[v : v + step].to(gemm))  # (n, block) @ (block, hidden)
+    for v in _row_blocks(*w.shape):
+        g = grad[:, v].to(w.dtype).to(gemm)  # (n, block), rounded to the head's dtype
+        out.addmm_(g, w[v].to(gemm))  # (n, block) @ (block, hidden)
     return out.to(w.dtype)
 
 

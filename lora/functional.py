@@ -227,6 +227,18 @@ def _cpu_has_16bit_gemm(dtype: torch.dtype) -> bool:
         return False
 
 
+# Weights upcast or dequantized at a time by a product that reads its weight in blocks of rows: 16 MiB in fp32.
+_BLOCK_ELEMENTS = 2**22
+
+
+def _row_blocks(n_rows: int, row_length: int, multiple: int = 1) -> list[slice]:
+    """A weight's rows in blocks of about ``_BLOCK_ELEMENTS`` weights (whole rows, a multiple of ``multiple`` of
+    them): the pieces in which a product reads a weight it upcasts (:func:`_gemm_dtype`) or dequantizes, so that no
+    copy of the whole weight in the wider dtype exists and each piece is multiplied while it is in cache."""
+    step = max(multiple, _BLOCK_ELEMENTS // max(row_length, 1) // multiple * multiple)
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
 def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
     """fp32 for 16-bit products on a CPU that would emulate them, else None (the operands' own dtype).
 

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import nf4
-from .functional import _gemm_dtype
+from .functional import _gemm_dtype, _row_blocks
 
 __all__ = ["Weight4bit", "Linear4bit", "linear4bit", "is_quantized", "quantize", "dequantize"]
 
@@ -133,15 +133,11 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-_CHUNK_WEIGHTS = 2**22  # weights dequantized at a time on the CPU: 16 MiB in fp32, a few in cache-sized pieces
-
-
 def _row_chunks(weight: nf4.NF4Weight, device: torch.device) -> list[slice]:
-    """The output rows to dequantize at a time: on the CPU chunks of about ``_CHUNK_WEIGHTS`` weights (whole rows,
-    a multiple of 64), so a dequantized copy of the whole weight never exists; elsewhere all rows at once."""
+    """The output rows to dequantize at a time: on the CPU blocks of whole rows, a multiple of 64
+    (``lora.functional._row_blocks``), so a dequantized copy of the whole weight never exists; elsewhere all rows."""
     out_features, in_features = weight.shape
-    step = out_features if device.type != "cpu" else max(64, _CHUNK_WEIGHTS // max(in_features, 1) // 64 * 64)
-    return [slice(start, min(start + step, out_features)) for start in range(0, out_features, step)]
+    return _row_blocks(out_features, in_features, 64) if device.type == "cpu" else [slice(0, out_features)]
 
 
 class _Linear4bit(torch.autograd.Function):

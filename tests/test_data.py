@@ -369,7 +369,7 @@ def test_lm_head_loss_16_bit_head_as_fp32_gemms_gives_the_16_bit_result(monkeypa
     weight = (torch.randn(50, 32, generator=gen) * 0.3).bfloat16().requires_grad_()
     labels = torch.randint(0, 50, (2, 9), generator=gen)
     labels[0, :4] = IGNORE_INDEX
-    monkeypatch.setattr(lora.data, "_HEAD_BLOCK_ELEMENTS", 8 * 32)  # blocks of 8 rows: 7 blocks, the last of 2
+    monkeypatch.setattr(lora.functional, "_BLOCK_ELEMENTS", 8 * 32)  # blocks of 8 rows: 7 blocks, the last of 2
 
     def run(gemm):
         monkeypatch.setattr(lora.data, "_gemm_dtype", lambda dtype, device: gemm)

@@ -70,7 +70,7 @@ def test_dequantizing_a_chunk_of_rows_at_a_time_gives_the_same_product(dtype, mo
     base = nn.Linear(128, 200).to(dtype)  # 200 rows: chunks of 64, 64, 64 and a last one of 8
     q = Linear4bit.from_linear(base)
     w = q.weight.dequantize()
-    monkeypatch.setattr(lora.qlora, "_CHUNK_WEIGHTS", 64 * 128)
+    monkeypatch.setattr(lora.functional, "_BLOCK_ELEMENTS", 64 * 128)
     assert [(c.start, c.stop) for c in lora.qlora._row_chunks(q.weight.nf4(), torch.device("cpu"))] == [
         (0, 64),
         (64, 128),
@@ -160,7 +160,7 @@ def test_lora_over_nf4_equals_lora_over_the_dequantized_weight(kind, chunked, mo
     import lora.qlora
 
     if chunked:
-        monkeypatch.setattr(lora.qlora, "_CHUNK_WEIGHTS", 64 * 64)  # 96 rows: chunks of 64 and 32
+        monkeypatch.setattr(lora.functional, "_BLOCK_ELEMENTS", 64 * 64)  # 96 rows: chunks of 64 and 32
     torch.manual_seed(0)
     if kind == "Linear":
         layer = lora.Linear(64, 96, r=4, lora_alpha=8)
@@ -195,7 +195,7 @@ def test_bf16_lora_over_nf4_multiplies_in_fp32_where_bf16_is_emulated(kind, monk
     import lora.qlora
 
     monkeypatch.setattr(lora.functional, "_cpu_has_16bit_gemm", lambda dt: False)
-    monkeypatch.setattr(lora.qlora, "_CHUNK_WEIGHTS", 64 * 64)
+    monkeypatch.setattr(lora.functional, "_BLOCK_ELEMENTS", 64 * 64)
     torch.manual_seed(0)
     if kind == "Linear":
         layer = lora.Linear(64, 96, r=4, lora_alpha=8)

@@ -68,16 +68,17 @@ def _lora_input(x: torch.Tensor, lora_param: torch.Tensor) -> torch.Tensor:
 def _emulated_low_rank_dtype(x: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
     """The 16-bit dtype of the plain ops' low-rank products (the adapter's, or autocast's) where this CPU would
     emulate it (:func:`lora.functional._gemm_dtype`), else None. Those products then run as fp32 GEMMs over the
-    exactly upcast 16-bit operands, each result rounded to the 16-bit dtype (:func:`_low_rank`): the 16-bit values
+    exactly upcast 16-bit operands, each result rounded to the 16-bit dtype (:func:`_as_16_bit`): the 16-bit values
     at fp32 speed, as the fused functions compute them."""
     autocast = torch.is_autocast_enabled(x.device.type)
     dtype = torch.get_autocast_dtype(x.device.type) if autocast else lora_A.dtype
     return dtype if _gemm_dtype(dtype, x.device) is not None else None
 
 
-def _as_16_bit(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t``'s values in ``dtype``, held in fp32 (differentiable)."""
-    return t.to(dtype).float()
+def _as_16_bit(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``t``'s values in ``dtype``, held in fp32 (differentiable); ``t`` itself where ``dtype`` is None (no
+    emulated 16-bit products here, see :func:`_emulated_low_rank_dtype`)."""
+    return t if dtype is None else t.to(dtype).float()
 
 
 def _fused_dtype(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) -> torch.dtype | None:
@@ -357,15 +358,12 @@ class Linear(_LinearKind, nn.Linear):
                 compute_dtype=dtype,
             )
         result = base_linear(x, weight, bias)
-        low = _emulated_low_rank_dtype(x, A)
-        if low is None:
-            x = _lora_input(x, A)
-            h = F.linear(self.lora_dropout(x) if dropout else x, A)  # (..., in) -> (..., r)
-            return result + F.linear(h * self.scaling, B).to(result.dtype)  # (..., r) -> (..., out)
-        with torch.autocast(x.device.type, enabled=False):  # the same products, as fp32 GEMMs rounded to low
-            x, A, B = (_as_16_bit(t, low) for t in (x, A, B))
-            h = _as_16_bit(F.linear(self.lora_dropout(x) if dropout else x, A) * self.scaling, low)
-            return result + _as_16_bit(F.linear(h, B), low).to(result.dtype)
+        low = _emulated_low_rank_dtype(x, A)  # with it: the same products as fp32 GEMMs, each rounded to low
+        with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
+            x = _as_16_bit(x, low) if low else _lora_input(x, A)
+            A, B = _as_16_bit(A, low), _as_16_bit(B, low)
+            h = _as_16_bit(F.linear(self.lora_dropout(x) if dropout else x, A) * self.scaling, low)  # (..., r)
+            return result + _as_16_bit(F.linear(h, B), low).to(result.dtype)  # (..., r) -> (..., out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -543,18 +541,13 @@ class MergedLinear(_LinearKind, nn.Linear):
         result = base_linear(x, weight, bias)
         low = _emulated_low_rank_dtype(x, self.lora_A)  # with it: fp32 GEMMs rounded to low, as in Linear
         with torch.autocast(x.device.type, enabled=False) if low else contextlib.nullcontext():
-            A, x = (
-                (_as_16_bit(self.lora_A, low), _as_16_bit(x, low))
-                if low
-                else (self.lora_A, _lora_input(x, self.lora_A))
-            )
-            h = F.linear(self.lora_dropout(x) if dropout else x, A) * self.scaling  # (..., r * n)
-            h = _as_16_bit(h, low) if low else h
+            x = _as_16_bit(x, low) if low else _lora_input(x, self.lora_A)
+            A = _as_16_bit(self.lora_A, low)
+            h = _as_16_bit(F.linear(self.lora_dropout(x) if dropout else x, A) * self.scaling, low)  # (..., r * n)
             for i, (start, size, _, B_i) in enumerate(self._slice_params()):
-                B_i = _as_16_bit(B_i, low) if low else B_i
                 # (..., r) @ (r, size) -> (..., size), added in place into this slice's columns of the output
-                y = F.linear(h[..., i * self.r : (i + 1) * self.r], B_i)
-                result[..., start : start + size] += (_as_16_bit(y, low) if low else y).to(result.dtype)
+                y = F.linear(h[..., i * self.r : (i + 1) * self.r], _as_16_bit(B_i, low))
+                result[..., start : start + size] += _as_16_bit(y, low).to(result.dtype)
         return result
 
 

@@ -20,6 +20,15 @@ weight gradients). ``12 * L * d * S`` per token: attention scores and their prod
 width ``d``, sequence length ``S``) forward (4) and backward (8), counted without the causal half, as in PaLM
 (Chowdhery et al. 2022, appendix B). MFU divides by the card's dense bf16 peak: 989 TFLOP/s for an H100 SXM or
 H200, 756 for an H100 PCIe, 835 for an H100 NVL (NVIDIA datasheets); ``--peak-tflops`` for another card.
+
+``--case example`` (issue 15's GPU bar): the step of ``examples/finetune_phi3.py --bf16`` itself, by its own
+functions and settings: bf16 weights, its ``lora_config`` injected (per-slice q/k/v and gate/up, fp32 adapters),
+its ``token_loss_sum`` (the forward under bf16 autocast, the loss through the model's ``labels=`` path on the
+labelled positions only), gradient clipping and AdamW at its ``training_config``'s values; no gradient
+checkpointing unless its defaults turn it on. Against transformers' Phi-3 + PEFT with the same LoRA settings, the
+forward under the same autocast, its own ``labels=`` loss, the same clipping and optimizer. Labels as chat data has
+them: each row's last 38.3% (the example's built-in data's measured assistant share), the same on both sides.
+Target: tokens/s at least 1.6x the baseline's.
 """
 
 from __future__ import annotations
@@ -40,6 +49,8 @@ TOKENS = 2048  # batch 1
 ROUNDS = 10
 WARMUP = 2
 STEP_TARGET = 0.80
+EXAMPLE_TARGET = 1.6  # issue 15: the example's --bf16 step at >= 1.6x transformers + PEFT's tokens/s
+LABELLED_SHARE = 0.383  # the example's built-in chat data: assistant share of next-token positions (bench_phi3.py)
 TINY = _impls.phi3_config_dict(hidden=256, layers=2, heads=4, intermediate=512, vocab=1024)
 TINY_TOKENS = 128
 BASELINE = "transformers+peft"
@@ -77,6 +88,111 @@ def build(impl: str, cfg: dict[str, Any], device: str, weights: dict[str, torch.
     return _impls.add_lora(model, impl if ours else "peft", R, ALPHA, DROPOUT)
 
 
+def example_steps(cfg: dict[str, Any], seq: int, device: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """``--case example``: the step of ``examples/finetune_phi3.py --bf16`` (its functions, its settings) and
+    transformers + PEFT's step with the same LoRA, data, clipping and optimizer, on the same base weights."""
+    sys.path.insert(0, str(_timing.ROOT / "examples"))
+    import finetune_phi3 as example
+
+    import lora
+
+    tc, lc = example.training_config, example.lora_config
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg["vocab_size"], (1, seq), generator=gen).to(device)
+    labels = torch.full_like(ids, -100)
+    reply = max(1, round(seq * LABELLED_SHARE))
+    labels[:, -reply:] = ids[:, -reply:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    hf = _impls.hf_phi3(cfg, torch.bfloat16, device)
+    ours = _impls.ours_phi3(cfg, torch.bfloat16, device)
+    ours.load_state_dict(hf.state_dict(), strict=False)  # the same names; rotary buffers are derived
+    lora.phi3.inject(
+        ours,
+        r=lc["r"],
+        lora_alpha=lc["lora_alpha"],
+        lora_dropout=lc["lora_dropout"],
+        targets=tuple(lc["targets"]),
+        qkv_slices=tuple(lc["qkv_slices"]),
+        fused=lc["fused"],
+    )
+    peft = _impls.add_lora(hf, "peft", lc["r"], lc["lora_alpha"], lc["lora_dropout"])
+    if tc["gradient_checkpointing"]:
+        ours.gradient_checkpointing_enable()
+        _impls.gradient_checkpointing(peft)
+
+    def step_of(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
+
+        def step() -> torch.Tensor:
+            loss = loss_of()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, tc["max_grad_norm"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+
+        return step
+
+    def ours_loss() -> torch.Tensor:
+        loss_sum, n = example.token_loss_sum(ours, batch, autocast=True)
+        return loss_sum / n
+
+    def peft_loss() -> torch.Tensor:
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16):
+            return peft(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels, use_cache=False).loss
+
+    dtypes = {p.dtype for m in (ours, peft) for p in m.parameters() if p.requires_grad}
+    if dtypes != {torch.float32}:
+        raise RuntimeError(f"the adapters should be fp32 on both sides, found {dtypes}")
+    return {"ours (example --bf16 step)": step_of(ours.train(), ours_loss), BASELINE: step_of(peft.train(), peft_loss)}
+
+
+def example_rows(cfg: dict[str, Any], seq: int, args: argparse.Namespace, sync: Callable[[], None] | None) -> list:
+    """``--case example``: tokens/s of the example's step over transformers + PEFT's, and each one's peak."""
+    cuda = args.device.startswith("cuda")
+    print("building the example's step and transformers + PEFT's ...", file=sys.stderr, flush=True)
+    steps = example_steps(cfg, seq, args.device)
+    first_loss, peak_mb = {}, {}
+    for impl, step in steps.items():
+        first_loss[impl] = float(step())  # also the warm-up
+        step()
+        if cuda:
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            sync()
+            peak_mb[impl] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            peak_mb[impl] = None
+    print("timing ...", file=sys.stderr, flush=True)
+    times = _timing.interleaved(steps, args.rounds, warmup=0, sync=sync)
+    rows = []
+    for impl in steps:
+        s = _timing.median_ms(times[impl]) / 1e3
+        ours = impl != BASELINE
+        stats = _timing.ratio_stats(times, impl, BASELINE) if ours else None
+        speedup = 1 / stats.median if ours else None
+        rows.append(
+            Row(
+                "finetune_phi3.py --bf16 step" + (" (tiny)" if args.tiny else ""),
+                impl,
+                stats,
+                s * 1e3,
+                peak_mb[impl],
+                f"tok/s >= {EXAMPLE_TARGET:.1f}x baseline's" if ours else "",
+                speedup >= EXAMPLE_TARGET if ours else None,
+                {
+                    "tok/s": f"{seq / s:,.0f}",
+                    "tok/s vs baseline": f"{speedup:.2f}x" if ours else "1.00x",
+                    "first loss": f"{first_loss[impl]:.4f}",
+                },
+            )
+        )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -87,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=ROUNDS, help=f"interleaved rounds (default {ROUNDS})")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, if not recognised")
     p.add_argument("--profile", action="store_true", help="also print the top kernels of one step of each")
+    p.add_argument(
+        "--case",
+        choices=("step", "example"),
+        default="step",
+        help="step: the LoRA step with gradient checkpointing (default); example: finetune_phi3.py --bf16's own step",
+    )
     args = p.parse_args(argv)
     cuda = args.device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -104,12 +226,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print("## bench_gpu: Phi-3-mini LoRA training step, ours vs transformers + PEFT\n")
     print(_timing.header(torch.bfloat16, args.device))
+    recipe = (
+        "finetune_phi3.py's lora_config and training_config (see --case example in the module docstring)"
+        if args.case == "example"
+        else f"LoRA r={R}, alpha {ALPHA}, dropout {DROPOUT}; gradient checkpointing; AdamW"
+    )
     print(
         f"config: hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, intermediate "
         f"{cfg['intermediate_size']}, vocab {cfg['vocab_size']}{' (--tiny)' if args.tiny else ''}; batch 1 x {seq}; "
-        f"LoRA r={R}, alpha {ALPHA}, dropout {DROPOUT}; gradient checkpointing; AdamW; rounds {args.rounds}\n"
+        f"{recipe}; rounds {args.rounds}\n"
     )
-
+    if args.case == "example":
+        print(_timing.markdown_table(example_rows(cfg, seq, args, sync), ["tok/s", "tok/s vs baseline", "first loss"]))
+        print("\npeak MB: torch.cuda.max_memory_allocated during one step over what was allocated before it")
+        return 0
     ids = torch.randint(0, cfg["vocab_size"], (1, seq), generator=torch.Generator().manual_seed(1)).to(args.device)
     models: dict[str, torch.nn.Module] = {}
     steps: dict[str, Callable[[], torch.Tensor]] = {}

@@ -105,7 +105,9 @@ def example_steps(cfg: dict[str, Any], seq: int, device: str) -> dict[str, Calla
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     hf = _impls.hf_phi3(cfg, torch.bfloat16, device)
     ours = _impls.ours_phi3(cfg, torch.bfloat16, device)
-    ours.load_state_dict(hf.state_dict(), strict=False)  # the same names; rotary buffers are derived
+    missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)  # the same names as transformers'
+    if [k for k in missing if "rotary" not in k] or unexpected:  # rotary buffers are derived, not weights
+        raise RuntimeError(f"weights not copied: missing {missing[:5]}, unexpected {unexpected[:5]}")
     lora.phi3.inject(
         ours,
         r=lc["r"],

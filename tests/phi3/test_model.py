@@ -357,6 +357,74 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing() 
     torch._dynamo.reset()
 
 
+def _recording_backend(graphs: dict[str, list]):
+    """aot_eager that keeps AOT autograd's forward and backward graphs (the ATen ops the compiled code calls)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(kind: str):
+        def compiler(gm: torch.fx.GraphModule, _inputs) -> object:
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+
+
+def test_compiled_layers_with_lora_dropout_draw_the_eager_masks_and_keep_the_fused_op() -> None:
+    """LoRA dropout 0.3 under compile_layers(fullgraph=True): every adapted projection is one
+    lora::fused_lora_linear node in the forward graph and one lora::fused_lora_linear_backward node in the backward
+    (no graph break, no dropout op of inductor's), and, from the same seed, the compiled model's loss and LoRA
+    gradients equal eager's, with and without gradient checkpointing: the op draws the eager random stream, in
+    eager's order, and the checkpoint's recompute draws the forward's positions again (else A's gradients would
+    differ). aot_eager, as the test above; tests/test_functional.py compiles the op with inductor."""
+    import lora
+
+    _, ours = pair(**CASES["gqa"])
+    lora.phi3.inject(ours, r=4, lora_alpha=8, lora_dropout=0.3)
+    for name, p in ours.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)
+    lora.mark_only_lora_as_trainable(ours)
+    ours.train()
+    ids = token_ids(2, 9)
+
+    def loss_and_grads(seed: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ours.zero_grad()
+        torch.manual_seed(seed)
+        loss = ours(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+
+    eager = loss_and_grads()
+    assert not torch.equal(loss_and_grads(seed=6)[0], eager[0])  # another seed, other masks: the dropout is live
+    torch._dynamo.reset()
+    graphs: dict[str, list] = {"forward": [], "backward": []}
+    ours.compile_layers(backend=_recording_backend(graphs), fullgraph=True)
+    for checkpointing in (False, True):
+        if checkpointing:
+            ours.gradient_checkpointing_enable()
+        loss, grads = loss_and_grads()
+        torch.testing.assert_close(loss, eager[0], rtol=1e-6, atol=1e-6)
+        for name, grad in eager[1].items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    ours.gradient_checkpointing_disable()
+    assert graphs["forward"] and graphs["backward"]
+
+    def targets(kind: str) -> list[object]:
+        return [node.target for gm in graphs[kind] for node in gm.graph.nodes if node.op == "call_function"]
+
+    adapted = 4  # qkv_proj, o_proj, gate_up_proj, down_proj per layer
+    for gm_targets in ([node.target for node in gm.graph.nodes] for gm in graphs["forward"]):
+        assert gm_targets.count(torch.ops.lora.fused_lora_linear.default) == adapted
+    for gm_targets in ([node.target for node in gm.graph.nodes] for gm in graphs["backward"]):
+        assert gm_targets.count(torch.ops.lora.fused_lora_linear_backward.default) == adapted
+    random_ops = {torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.p, torch.ops.aten.rand.default}
+    assert not random_ops & set(targets("forward"))
+    torch._dynamo.reset()
+
+
 # --------------------------------------------------------------------------- packing
 
 

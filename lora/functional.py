@@ -38,10 +38,14 @@ Block = tuple[int, int, int, int]
 
 
 def dropout_positions(
-    n: int, p: float, device: torch.device | str = "cpu", dtype: torch.dtype = torch.int64
+    n: int,
+    p: float,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.int64,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sorted flat positions in ``range(n)``, each included independently with probability ``p`` (``dtype``: int64,
-    or int32 where ``n <= 2**31``).
+    or int32 where ``n <= 2**31``), drawn from ``generator`` (default: torch's default generator of ``device``).
 
     Geometric gaps: ``gap = floor(log(u) / log(1 - p)) + 1`` with ``u`` uniform on (0, 1] has
     ``P(gap >= k) = (1 - p) ** (k - 1)``, exactly the wait for the next success of a Bernoulli(p) sequence.
@@ -57,7 +61,9 @@ def dropout_positions(
         expected = (n - 1 - last) * p
         m = int(expected + 6 * math.sqrt(expected) + 32)  # enough almost always; otherwise loop once more
         # in place, one buffer: u = 1 - rand in (0, 1], then gap = floor(log(u) / log(1 - p)) + 1
-        gaps = torch.rand(m, dtype=torch.float64, device=device).neg_().add_(1).log_().div_(log_keep)
+        gaps = (
+            torch.rand(m, dtype=torch.float64, device=device, generator=generator).neg_().add_(1).log_().div_(log_keep)
+        )
         pos = torch.cumsum(gaps.floor_().add_(1), 0).add_(last)  # strictly increasing: every gap is >= 1
         inside = pos[: int(torch.searchsorted(pos, float(n)))]  # the positions < n: a prefix
         chunks.append(inside.to(dtype))
@@ -294,10 +300,14 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
 # The same computation as torch.library custom ops, for torch.compile: dynamo cannot trace the autograd Function (its
 # dropout draws a data-dependent number of positions and its chunks read them back), so while compiling the layers
 # call these instead, which dynamo and AOT autograd keep as one opaque node each way; inductor fuses what lies around
-# them. Their autograd is registered below; the backward is a second op (it reads the dropped positions back too).
+# them. Their autograd is registered below; the backward is a second op.
 # ``nondeterministic_seeded``: the forward draws from torch's default generator, so it is impure (never CSE'd or
 # dropped) and inductor keeps the order of such ops (torch/_library/utils.py is_impure, _inductor/fx_passes/
 # post_grad.py reorder_for_locality): the compiled layers draw the eager stream, op by op.
+# Every output has a size known before the op runs (a data-dependent size breaks dynamo's graph unless fullgraph=True
+# or capture_dynamic_output_shape_ops): so instead of the dropped positions (as many as were drawn) the forward
+# returns the generator's state before its draw, a few KiB, from which the backward draws the same positions again
+# (n p random numbers: a small fraction of the layer's backward).
 
 
 def _flat_blocks(blocks: Sequence[Block]) -> list[int]:
@@ -306,6 +316,11 @@ def _flat_blocks(blocks: Sequence[Block]) -> list[int]:
 
 def _unflat_blocks(flat: Sequence[int]) -> tuple[Block, ...]:
     return tuple((flat[i], flat[i + 1], flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4))
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of torch's default generator of ``device`` (uint8, a size fixed per device type)."""
+    return torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
 
 
 @torch.library.custom_op("lora::fused_lora_linear", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -321,14 +336,14 @@ def _linear_op(
     r: int,
     dense_mask: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`_linear_forward` as an op: ``(out: (N, out), h: (N, R), dropped)``, ``dropped`` the sorted flat
-    positions (int32/int64, as many as were drawn), the bool mask (``dense_mask``), or empty (no dropout).
-    ``blocks``: the :data:`Block` tuples flattened."""
+    """:func:`_linear_forward` as an op: ``(out: (N, out), h: (N, R), dropped)``, ``dropped`` the default
+    generator's state before the draw of the dropped positions (uint8), the bool mask (``dense_mask``), or empty
+    (no dropout). ``blocks``: the :data:`Block` tuples flattened."""
+    sparse = p > 0 and not dense_mask
+    state = _rng_state(x2.device) if sparse else None
     gemm = _gemm_dtype(x2.dtype, x2.device)
-    out, h, pos, mask = _linear_forward(
-        x2, weight_t, bias, A, B, scaling, p, _unflat_blocks(blocks), r, dense_mask, gemm
-    )
-    dropped = mask if mask is not None else pos if pos is not None else x2.new_empty(0, dtype=torch.int32)
+    out, h, _, mask = _linear_forward(x2, weight_t, bias, A, B, scaling, p, _unflat_blocks(blocks), r, dense_mask, gemm)
+    dropped = state if sparse else mask if mask is not None else x2.new_empty(0, dtype=torch.uint8)
     return out, h, dropped
 
 
@@ -338,11 +353,16 @@ def _(x2, weight_t, bias, A, B, scaling, p, blocks, r, dense_mask):
     h = x2.new_empty(x2.shape[0], A.shape[0])
     if p > 0 and dense_mask:
         dropped = x2.new_empty(x2.shape, dtype=torch.bool)
-    elif p > 0:  # as many positions as the draw gives: a size known only when it runs
-        dropped = x2.new_empty(torch.library.get_ctx().new_dynamic_size(), dtype=_positions_dtype(x2.numel()))
+    elif p > 0:
+        dropped = x2.new_empty(_rng_state_size(x2.device.type), dtype=torch.uint8)
     else:
-        dropped = x2.new_empty(0, dtype=torch.int32)
+        dropped = x2.new_empty(0, dtype=torch.uint8)
     return out, h, dropped
+
+
+@functools.cache
+def _rng_state_size(device_type: str) -> int:
+    return _rng_state(torch.device(device_type)).numel()
 
 
 @torch.library.custom_op("lora::fused_lora_linear_backward", mutates_args=())
@@ -362,9 +382,15 @@ def _linear_backward_op(
     has_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`_linear_backward` as an op: the gradients of ``(x2, weight_t, bias, A, B)``, each contiguous, or empty
-    where ``needs`` does not ask for it (an op returns no None)."""
-    pos = dropped if p > 0 and dropped.dtype != torch.bool else None
-    mask = dropped if p > 0 and dropped.dtype == torch.bool else None
+    where ``needs`` does not ask for it (an op returns no None). The dropped positions are drawn again from the
+    state the forward returned, by a generator of this op's own (the default generator is left as it is)."""
+    pos = mask = None
+    if p > 0 and dropped.dtype == torch.bool:
+        mask = dropped
+    elif p > 0:
+        generator = torch.Generator(x2.device)
+        generator.set_state(dropped)
+        pos = dropout_positions(x2.numel(), p, x2.device, _positions_dtype(x2.numel()), generator=generator)
     gemm = _gemm_dtype(g.dtype, g.device)
     grads = _linear_backward(
         g, x2, weight_t, A, B, h, pos, mask, scaling, p, _unflat_blocks(blocks), r, gemm, needs, has_bias

@@ -373,12 +373,15 @@ def _recording_backend(graphs: dict[str, list]):
 
 
 def test_compiled_layers_with_lora_dropout_draw_the_eager_masks_and_keep_the_fused_op() -> None:
-    """LoRA dropout 0.3 under compile_layers(fullgraph=True): every adapted projection is one
-    lora::fused_lora_linear node in the forward graph and one lora::fused_lora_linear_backward node in the backward
-    (no graph break, no dropout op of inductor's), and, from the same seed, the compiled model's loss and LoRA
+    """LoRA dropout 0.3 under compile_layers (torch's defaults, as --compile): no graph break, every adapted
+    projection one lora::fused_lora_linear node in the forward graph and one lora::fused_lora_linear_backward node
+    in the backward (no dropout op of the compiler's), and, from the same seed, the compiled model's loss and LoRA
     gradients equal eager's, with and without gradient checkpointing: the op draws the eager random stream, in
-    eager's order, and the checkpoint's recompute draws the forward's positions again (else A's gradients would
-    differ). aot_eager, as the test above; tests/test_functional.py compiles the op with inductor."""
+    eager's order, and the checkpoint's recompute draws the forward's positions again (else the recompute fails its
+    check or A's gradients differ). aot_eager, as the test above; tests/test_functional.py compiles the op with
+    inductor."""
+    from torch._dynamo.utils import counters
+
     import lora
 
     _, ours = pair(**CASES["gqa"])
@@ -400,8 +403,9 @@ def test_compiled_layers_with_lora_dropout_draw_the_eager_masks_and_keep_the_fus
     eager = loss_and_grads()
     assert not torch.equal(loss_and_grads(seed=6)[0], eager[0])  # another seed, other masks: the dropout is live
     torch._dynamo.reset()
+    counters.clear()
     graphs: dict[str, list] = {"forward": [], "backward": []}
-    ours.compile_layers(backend=_recording_backend(graphs), fullgraph=True)
+    ours.compile_layers(backend=_recording_backend(graphs))
     for checkpointing in (False, True):
         if checkpointing:
             ours.gradient_checkpointing_enable()
@@ -410,6 +414,7 @@ def test_compiled_layers_with_lora_dropout_draw_the_eager_masks_and_keep_the_fus
         for name, grad in eager[1].items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     ours.gradient_checkpointing_disable()
+    assert not counters["graph_break"], dict(counters["graph_break"])
     assert graphs["forward"] and graphs["backward"]
 
     def targets(kind: str) -> list[object]:
@@ -423,6 +428,39 @@ def test_compiled_layers_with_lora_dropout_draw_the_eager_masks_and_keep_the_fus
     random_ops = {torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.p, torch.ops.aten.rand.default}
     assert not random_ops & set(targets("forward"))
     torch._dynamo.reset()
+
+
+def test_a_decoder_layer_with_lora_dropout_compiles_as_one_graph() -> None:
+    """fullgraph=True on one decoder layer (LoRA dropout 0.3 in every projection): dynamo captures it whole, and its
+    output and LoRA gradients equal eager's from the same seed."""
+    import lora
+
+    _, ours = pair(**CASES["gqa"])
+    lora.phi3.inject(ours, r=4, lora_alpha=8, lora_dropout=0.3)
+    ours.train()
+    layer = ours.model.layers[1]
+    x = torch.randn(2, 7, HIDDEN, requires_grad=True)
+    cos, sin = ours.model.rotary_emb(torch.arange(7)[None], x.dtype, 6)
+
+    def run(fn) -> list[torch.Tensor]:
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(3)
+        out, _ = fn(x, cos, sin, None, True, None, False)
+        out.square().sum().backward()
+        return [
+            out.detach(),
+            x.grad,
+            *(p.grad for n, p in layer.named_parameters() if n.endswith(("lora_A", "lora_B"))),
+        ]
+
+    eager = run(layer)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    torch._dynamo.reset()
+    assert len(compiled) == 2 + 8
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- packing

@@ -301,9 +301,12 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
 # dropout draws a data-dependent number of positions and its chunks read them back), so while compiling the layers
 # call these instead, which dynamo and AOT autograd keep as one opaque node each way; inductor fuses what lies around
 # them. Their autograd is registered below; the backward is a second op.
-# ``nondeterministic_seeded``: the forward draws from torch's default generator, so it is impure (never CSE'd or
-# dropped) and inductor keeps the order of such ops (torch/_library/utils.py is_impure, _inductor/fx_passes/
-# post_grad.py reorder_for_locality): the compiled layers draw the eager stream, op by op.
+# ``nondeterministic_seeded``: the forward draws from torch's default generator, so it is impure (never dropped),
+# inductor keeps the order of such ops (torch/_library/utils.py is_impure, _inductor/fx_passes/post_grad.py
+# reorder_for_locality), and where activation checkpointing inside a compiled region recomputes it in the backward,
+# AOT autograd saves and restores the generator's state around it (_functorch/partitioners.py
+# functionalize_rng_ops): the compiled layers draw the eager stream, op by op. AOT autograd's CSE ignores the tag
+# (see _exempt_from_cse).
 # Every output has a size known before the op runs (a data-dependent size breaks dynamo's graph unless fullgraph=True
 # or capture_dynamic_output_shape_ops): so instead of the dropped positions (as many as were drawn) the forward
 # returns the generator's state before its draw, a few KiB, from which the backward draws the same positions again
@@ -349,6 +352,7 @@ def _linear_op(
 
 @_linear_op.register_fake
 def _(x2, weight_t, bias, A, B, scaling, p, blocks, r, dense_mask):
+    _exempt_from_cse()  # runs while dynamo traces, before AOT autograd's CSE
     out = x2.new_empty(x2.shape[0], weight_t.shape[1])
     h = x2.new_empty(x2.shape[0], A.shape[0])
     if p > 0 and dense_mask:
@@ -358,6 +362,23 @@ def _(x2, weight_t, bias, A, B, scaling, p, blocks, r, dense_mask):
     else:
         dropped = x2.new_empty(0, dtype=torch.uint8)
     return out, h, dropped
+
+
+def _exempt_from_cse() -> None:
+    """Put the forward op on the list of random ops AOT autograd's common-subexpression elimination leaves alone.
+
+    That pass (``torch/_functorch/compile_utils.py`` ``fx_graph_cse``, torch 2.13) exempts the ATen ops of a fixed
+    list (``rand_ops``), not ops tagged ``nondeterministic_seeded``: without this, two calls with the same inputs
+    (one LoRA layer applied twice to one tensor) would become one draw. Done lazily, from the fake implementation,
+    so that importing lora does not import the compiler; a torch without that list is left as it is.
+    """
+    try:
+        from torch._functorch import compile_utils
+    except ImportError:
+        return
+    rand_ops = getattr(compile_utils, "rand_ops", None)
+    if isinstance(rand_ops, list) and torch.ops.lora.fused_lora_linear not in rand_ops:
+        rand_ops.append(torch.ops.lora.fused_lora_linear)
 
 
 @functools.cache

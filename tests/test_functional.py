@@ -342,8 +342,10 @@ def test_custom_ops_pass_torch_library_opcheck():
 
 
 class _TwoBranches(torch.nn.Module):
-    """Two LoRA layers with dropout on the same input, independent of each other: nothing but the op's
-    ``nondeterministic_seeded`` tag orders their draws in the compiled graph."""
+    """Two LoRA layers with dropout on the same input, independent of each other: no data dependence orders their
+    draws in the compiled graph (inductor keeps the order of ``nondeterministic_seeded`` ops; in this graph it
+    also kept it without the tag, so this test guards the order, the tag's need is shown by the checkpoint test
+    below)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -379,3 +381,54 @@ def test_inductor_compiles_the_op_and_draws_the_eager_masks_in_eager_order():
     assert len(compiled) == len(eager) == 2 + 6  # x and the output, weight, bias, A and B of each layer
     for got, want in zip(compiled, eager):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _compiled_equals_eager(fn, params: list[torch.Tensor], x: torch.Tensor, backend: str) -> None:
+    def run(f) -> list[torch.Tensor]:
+        for t in (*params, x):
+            t.grad = None
+        torch.manual_seed(7)
+        y = f(x)
+        y.backward()
+        return [y.detach(), x.grad, *(p.grad for p in params)]
+
+    eager = run(fn)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(fn, backend=backend, fullgraph=True))
+    torch._dynamo.reset()
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def _dropout_layer(out_features: int) -> lora.Linear:
+    layer = lora.Linear(16, out_features, r=2, lora_alpha=4, lora_dropout=0.3)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+def test_one_layer_applied_twice_to_one_input_draws_twice_when_compiled():
+    """Two calls of the op with the same inputs are two draws in eager; AOT autograd's CSE must not merge them
+    (lora.functional._exempt_from_cse)."""
+    torch.manual_seed(0)
+    layer = _dropout_layer(8)
+    x = torch.randn(4, 16, requires_grad=True)
+    _compiled_equals_eager(
+        lambda x: (layer(x) * layer(x).sigmoid()).sum(), [layer.lora_A, layer.lora_B], x, "aot_eager"
+    )
+
+
+def test_checkpoint_inside_a_compiled_region_recomputes_the_same_draws():
+    """torch.utils.checkpoint traced inside the compiled function: the min-cut partitioner (as inductor's,
+    without its code generation) recomputes the op in the backward, and the nondeterministic_seeded tag makes it
+    restore the generator's state first, so the recompute drops what the forward dropped."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    a, b = _dropout_layer(16), _dropout_layer(8)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(lambda t: b(torch.tanh(a(t))), x, use_reentrant=False).square().sum()
+
+    params = [a.lora_A, a.lora_B, b.lora_A, b.lora_B]
+    _compiled_equals_eager(fn, params, torch.randn(4, 16, requires_grad=True), "aot_eager_decomp_partition")

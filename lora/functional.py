@@ -322,7 +322,7 @@ def _unflat_blocks(flat: Sequence[int]) -> tuple[Block, ...]:
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
-    """The state of torch's default generator of ``device`` (uint8, a size fixed per device type)."""
+    """The state of torch's default generator of ``device`` (a uint8 CPU tensor, its size fixed per device type)."""
     return torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
 
 
@@ -357,8 +357,8 @@ def _(x2, weight_t, bias, A, B, scaling, p, blocks, r, dense_mask):
     h = x2.new_empty(x2.shape[0], A.shape[0])
     if p > 0 and dense_mask:
         dropped = x2.new_empty(x2.shape, dtype=torch.bool)
-    elif p > 0:
-        dropped = x2.new_empty(_rng_state_size(x2.device.type), dtype=torch.uint8)
+    elif p > 0:  # a generator's state is a CPU tensor, whatever its device
+        dropped = torch.empty(_rng_state_size(x2.device.type), dtype=torch.uint8, device="cpu")
     else:
         dropped = x2.new_empty(0, dtype=torch.uint8)
     return out, h, dropped

@@ -24,8 +24,9 @@ Differences from loralib 0.1.2, on purpose:
   without autocast (fp32 adapters are used in the weights' dtype), and autocast over any weights (everything in the
   autocast dtype, as autocast itself would compute it). Under torch.compile they call the same computation
   registered as a custom op (``lora::fused_lora_linear``), which the compiler keeps as one node and fuses around;
-  the conv kinds run their plain ops there. An ungrouped fp32 conv without dropout convolves with the merged filters ``W + s B A``, so at init
-  it equals the plain conv to within rounding (about 1e-7 relative), not bit for bit.
+  the conv kinds run their plain ops there. An ungrouped fp32 conv without dropout convolves with the merged
+  filters ``W + s B A``, so at init it equals the plain conv to within rounding (about 1e-7 relative), not bit for
+  bit.
 """
 
 from __future__ import annotations

@@ -391,30 +391,36 @@ def test_compiled_layers_with_lora_dropout_draw_the_eager_masks_and_keep_the_fus
             torch.nn.init.normal_(p, std=0.1)
     lora.mark_only_lora_as_trainable(ours)
     ours.train()
-    ids = token_ids(2, 9)
 
-    def loss_and_grads(seed: int = 5) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def loss_and_grads(seed: int = 5, length: int = 9) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ours.zero_grad()
         torch.manual_seed(seed)
+        ids = token_ids(2, length)
         loss = ours(ids, labels=ids).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
 
-    eager = loss_and_grads()
-    assert not torch.equal(loss_and_grads(seed=6)[0], eager[0])  # another seed, other masks: the dropout is live
+    eager = {length: loss_and_grads(length=length) for length in (9, 13)}
+    assert not torch.equal(loss_and_grads(seed=6)[0], eager[9][0])  # another seed, other masks: the dropout is live
     torch._dynamo.reset()
     counters.clear()
     graphs: dict[str, list] = {"forward": [], "backward": []}
     ours.compile_layers(backend=_recording_backend(graphs))
-    for checkpointing in (False, True):
+    # the second length recompiles with a symbolic sequence length, as the example's batches do
+    for checkpointing, length in ((False, 9), (True, 9), (True, 13)):
         if checkpointing:
             ours.gradient_checkpointing_enable()
-        loss, grads = loss_and_grads()
-        torch.testing.assert_close(loss, eager[0], rtol=1e-6, atol=1e-6)
-        for name, grad in eager[1].items():
+        loss, grads = loss_and_grads(length=length)
+        torch.testing.assert_close(loss, eager[length][0], rtol=1e-6, atol=1e-6)
+        for name, grad in eager[length][1].items():
             torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
     ours.gradient_checkpointing_disable()
     assert not counters["graph_break"], dict(counters["graph_break"])
+    hidden_inputs = [  # each graph's (batch, length, hidden) input
+        next(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta["val"], torch.Tensor))
+        for gm in graphs["forward"]
+    ]
+    assert any(isinstance(t.shape[1], torch.SymInt) for t in hidden_inputs)  # a graph for any length was traced
     assert graphs["forward"] and graphs["backward"]
 
     def targets(kind: str) -> list[object]:

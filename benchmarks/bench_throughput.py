@@ -6,6 +6,7 @@ against transformers + PEFT. fp32 on the CPU; ratios interleaved in one process 
     python benchmarks/bench_throughput.py --cases packing      # one
     python benchmarks/bench_throughput.py --phi4-seq 2048      # the issue's 1 x 2048 (minutes per step on 2 cores)
     python benchmarks/bench_throughput.py --cases compile --compile-dropout 0 --compile-dynamic   # one variant per run
+    python benchmarks/bench_throughput.py --cases custom-op    # eager: the fused LoRA Function against its custom op
 """
 
 from __future__ import annotations
@@ -70,11 +71,13 @@ def build_pass(
     compile: bool = False,
     dropout: float = 0.05,
     fallback_random: bool = False,
+    checkpointing: bool = False,
     **compile_kwargs: Any,
 ) -> Callable[[], float]:
     """One pass over ``rows`` in micro-batches of BATCH, as the example trains: forward with labels, backward, AdamW.
     ``compile``: ``compile_layers(**compile_kwargs)``, compiled by the warm-up pass; ``fallback_random``: inductor
-    draws random numbers (the LoRA dropout masks) with torch's eager kernels, not its generated code."""
+    draws random numbers with torch's eager kernels, not its generated code (the LoRA dropout draws its own since
+    the fused path became a custom op); ``checkpointing``: gradient checkpointing of every decoder layer."""
     import torch._inductor.config
 
     import lora
@@ -84,6 +87,8 @@ def build_pass(
     lora.phi3.inject(model, r=16, lora_alpha=32, lora_dropout=dropout)
     lora.mark_only_lora_as_trainable(model)
     model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     if compile:
         # inductor; the warm-up pass compiles: layer 0 (whose input needs no gradient) and the others apart, each
         # once with the first batch's static shapes and once more with a dynamic sequence length
@@ -142,12 +147,19 @@ def compile_rows(args: argparse.Namespace) -> list[Row]:
         [f"LoRA dropout {dropout}"]
         + (["dynamic=True"] if args.compile_dynamic else [])
         + (["fallback_random"] if args.compile_fallback_random else [])
+        + (["gradient checkpointing"] if args.compile_checkpointing else [])
     )
     print(f"running compile ({variant}; the warm-up passes compile) ...", file=sys.stderr, flush=True)
     steps = {
-        "eager": build_pass(data, packing=False, dropout=dropout),
+        "eager": build_pass(data, packing=False, dropout=dropout, checkpointing=args.compile_checkpointing),
         "compiled": build_pass(
-            data, packing=False, compile=True, dropout=dropout, fallback_random=args.compile_fallback_random, **kwargs
+            data,
+            packing=False,
+            compile=True,
+            dropout=dropout,
+            fallback_random=args.compile_fallback_random,
+            checkpointing=args.compile_checkpointing,
+            **kwargs,
         ),
     }
     times = _timing.interleaved(steps, args.rounds, warmup=2, seed=args.seed)
@@ -161,6 +173,41 @@ def compile_rows(args: argparse.Namespace) -> list[Row]:
         ms = _timing.median_ms(times[impl])
         extra = {"tok/s": f"{step.shape[1] / (ms / 1e3):.0f}"}
         label = f"tiny Phi-3 + LoRA, {len(data)} conversations (built-in data), batches of {BATCH}, {variant}"
+        rows.append(Row(label, impl, stats, ms, None, "", None, extra))
+    return rows
+
+
+def custom_op_rows(args: argparse.Namespace) -> list[Row]:
+    """Eager training with the fused LoRA linear called as the autograd Function (what eager runs) against the same
+    computation through its torch.library custom op (what compiled layers run; in eager the dispatcher's per-call
+    cost, and the backward draws the dropped positions again): whether eager could call the op too."""
+    from unittest import mock
+
+    import lora.functional as lf
+
+    def via_op(x2, weight_t, bias, A, B, scaling, p, blocks, r, dense_mask, gemm_dtype=None):
+        out, _, _ = torch.ops.lora.fused_lora_linear(
+            x2, weight_t, bias, A, B, scaling, p, lf._flat_blocks(blocks), r, dense_mask
+        )
+        return out
+
+    data = _rows("built-in data")
+    dropout = args.compile_dropout
+    print(f"running custom-op (LoRA dropout {dropout}) ...", file=sys.stderr, flush=True)
+    function_pass, op_pass = (build_pass(data, packing=False, dropout=dropout) for _ in range(2))
+
+    def through_op() -> float:
+        with mock.patch.object(lf._FusedLoRALinear, "apply", via_op):
+            return op_pass()
+
+    steps = {"autograd Function": function_pass, "custom op": through_op}
+    times = _timing.interleaved(steps, args.rounds, warmup=1, seed=args.seed)
+    rows = []
+    for impl in steps:
+        stats = None if impl == "autograd Function" else _timing.ratio_stats(times, impl, "autograd Function")
+        ms = _timing.median_ms(times[impl])
+        extra = {"tok/s": f"{function_pass.shape[1] / (ms / 1e3):.0f}"}
+        label = f"tiny Phi-3 + LoRA, eager, {len(data)} conversations (built-in data), LoRA dropout {dropout}"
         rows.append(Row(label, impl, stats, ms, None, "", None, extra))
     return rows
 
@@ -216,7 +263,7 @@ def phi4_rows(args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-CASE_NAMES = ["packing", "compile", "phi4"]
+CASE_NAMES = ["packing", "compile", "custom-op", "phi4"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +277,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"decoder layers of the Phi-4-shaped model (default: {PHI4_LAYERS})",
     )
     p.add_argument(
-        "--compile-dropout", type=float, default=0.05, help="LoRA dropout of the compile case (default: 0.05)"
+        "--compile-dropout",
+        type=float,
+        default=0.05,
+        help="LoRA dropout of the compile and custom-op cases (default: 0.05)",
     )
     p.add_argument(
         "--compile-dynamic",
@@ -241,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         "--compile-fallback-random",
         action="store_true",
         help="compile case: inductor draws random numbers with torch's eager kernels (default: off)",
+    )
+    p.add_argument(
+        "--compile-checkpointing",
+        action="store_true",
+        help="compile case: gradient checkpointing in both eager and compiled runs (default: off)",
     )
     args = p.parse_args(argv)
     _timing.apply_common_args(args, ROUNDS, QUICK_ROUNDS)
@@ -261,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows: list[Row] = []
     for name in wanted:
-        rows += {"packing": packing_rows, "compile": compile_rows, "phi4": phi4_rows}[name](args)
+        cases = {"packing": packing_rows, "compile": compile_rows, "custom-op": custom_op_rows, "phi4": phi4_rows}
+        rows += cases[name](args)
     print(_timing.markdown_table(rows, extra_columns=["tok/s", "padding", "peak ratio"]))
     return 0
 

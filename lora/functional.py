@@ -38,10 +38,14 @@ Block = tuple[int, int, int, int]
 
 
 def dropout_positions(
-    n: int, p: float, device: torch.device | str = "cpu", dtype: torch.dtype = torch.int64
+    n: int,
+    p: float,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.int64,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Sorted flat positions in ``range(n)``, each included independently with probability ``p`` (``dtype``: int64,
-    or int32 where ``n <= 2**31``).
+    or int32 where ``n <= 2**31``), drawn from ``generator`` (default: torch's default generator of ``device``).
 
     Geometric gaps: ``gap = floor(log(u) / log(1 - p)) + 1`` with ``u`` uniform on (0, 1] has
     ``P(gap >= k) = (1 - p) ** (k - 1)``, exactly the wait for the next success of a Bernoulli(p) sequence.
@@ -57,7 +61,9 @@ def dropout_positions(
         expected = (n - 1 - last) * p
         m = int(expected + 6 * math.sqrt(expected) + 32)  # enough almost always; otherwise loop once more
         # in place, one buffer: u = 1 - rand in (0, 1], then gap = floor(log(u) / log(1 - p)) + 1
-        gaps = torch.rand(m, dtype=torch.float64, device=device).neg_().add_(1).log_().div_(log_keep)
+        gaps = (
+            torch.rand(m, dtype=torch.float64, device=device, generator=generator).neg_().add_(1).log_().div_(log_keep)
+        )
         pos = torch.cumsum(gaps.floor_().add_(1), 0).add_(last)  # strictly increasing: every gap is >= 1
         inside = pos[: int(torch.searchsorted(pos, float(n)))]  # the positions < n: a prefix
         chunks.append(inside.to(dtype))
@@ -102,8 +108,137 @@ def _round(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype).to(t.dtype)
 
 
+def _linear_forward(
+    x2: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    p: float,
+    blocks: Sequence[Block],
+    r: int,
+    dense_mask: bool,
+    gemm_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The fused forward: ``(out: (N, out), h: (N, R), pos, mask)``, where ``h = dropout(x2) A^T`` is kept for B's
+    gradient and the dropped inputs are given by ``pos`` (sorted flat positions, sparse path) or ``mask`` (bool,
+    ``dense_mask``), both None without dropout. Draws from torch's default generator when ``p > 0``."""
+    # gemm_dtype (fp32 over 16-bit operands, see _gemm_dtype): every product runs on the operands upcast (exact),
+    # and what the 16-bit path keeps in 16 bits (h, the output) is rounded to it: the same values, up to the
+    # order of fp32 accumulation.
+    dtype = x2.dtype
+    c = gemm_dtype or dtype
+    X, A_c = x2.to(c), A.to(c)  # no-ops without gemm_dtype
+    pos = mask = None
+    if p > 0 and dense_mask:
+        # On a GPU a dense mask is cheap to draw and the sparse path's host syncs are not: keep a bool mask.
+        x_dropped, mask = torch.native_dropout(x2, p, True)
+        h = x_dropped.to(c) @ A_c.T  # (N, in) @ (in, R) -> (N, R)
+    elif p > 0:
+        # int32 positions where they fit: half the memory kept for the backward, faster index math
+        pos = dropout_positions(x2.numel(), p, x2.device, _positions_dtype(x2.numel()))
+        h = torch.empty(x2.shape[0], A.shape[0], dtype=c, device=x2.device)
+        for start, stop, chunk in _masked_chunks(x2, pos, c):
+            torch.mm(chunk, A_c.T, out=h[start:stop])  # (rows, in) @ (in, R): the dropped inputs are zeros
+        h = _round(h, dtype).mul_(1.0 / (1.0 - p))  # the 16-bit path rounds the product, then the scaled h
+    else:
+        h = X @ A_c.T  # (N, in) @ (in, R) -> (N, R)
+    h = _round(h, dtype).to(dtype)
+    # (N, in) @ (in, out), then (N, r) @ (r, size) accumulated into each slice's columns: PEFT's order, frozen
+    # product first. (The LoRA term first with the GEMM adding onto it would save a pass over the output, but
+    # moved a Phi-3's fp32 logits 1.5e-4 from the merged model's, against 0.97e-4 in this order.)
+    out = torch.addmm(bias.to(c), X, weight_t.to(c)) if bias is not None else X @ weight_t.to(c)
+    del X  # with gemm_dtype an fp32 copy of the input
+    out = _round(out, dtype)  # the 16-bit path rounds here, and again after adding the LoRA term
+    h_c, B_c = h.to(c), B.to(c)
+    for start, size, b_row, a_row in blocks:
+        out[:, start : start + size].addmm_(h_c[:, a_row : a_row + r], B_c[b_row : b_row + size].T, alpha=scaling)
+    return out.to(dtype), h, pos, mask
+
+
+def _linear_backward(
+    g: torch.Tensor,
+    x2: torch.Tensor,
+    weight_t: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    h: torch.Tensor,
+    pos: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    blocks: Sequence[Block],
+    r: int,
+    gemm_dtype: torch.dtype | None,
+    needs: Sequence[bool],
+    has_bias: bool,
+) -> tuple[torch.Tensor | None, ...]:
+    """The gradients ``(x2, weight_t, bias, A, B)`` of :func:`_linear_forward` for the output gradient ``g: (N, out)``,
+    each None unless ``needs`` (five bools, that order) asks for it; the same dropped inputs (``pos`` / ``mask``)."""
+    s = scaling
+    need_x, need_w, need_b, need_a, need_bb = needs
+    dtype = g.dtype
+    c = gemm_dtype or dtype
+    g = g.contiguous().to(c)  # (N, out); upcast (exact) only with gemm_dtype
+    B_c, h_c = B.to(c), h.to(c)
+    gh = torch.empty(g.shape[0], A.shape[0], dtype=c, device=g.device)  # (N, R)
+    grad_B = torch.empty_like(B, dtype=c) if need_bb else None
+    for start, size, b_row, a_row in blocks:
+        g_slice = g[:, start : start + size]  # (N, size)
+        torch.mm(g_slice, B_c[b_row : b_row + size], out=gh[:, a_row : a_row + r])  # (N, size) @ (size, r)
+        if need_bb:
+            torch.mm(g_slice.T, h_c[:, a_row : a_row + r], out=grad_B[b_row : b_row + size])  # (size, N) @ (N, r)
+    if need_bb:
+        grad_B = _round(grad_B, dtype)
+    gh.mul_(s)
+    gh = _round(gh, dtype)
+    if need_bb:
+        grad_B.mul_(s)
+    keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
+    grad_x = grad_A = None
+    if need_x:
+        A_c = A.to(c)
+        if mask is not None:
+            grad_x = _round(g @ weight_t.to(c).T, dtype)  # (N, out) @ (out, in)
+            grad_x.addcmul_(gh @ A_c, mask, value=keep_scale)  # dropped inputs get no LoRA gradient
+        else:
+            # the LoRA term first, (N, R) @ (R, in), then the frozen layer's product accumulated into it by
+            # the GEMM itself (beta = 1): no second pass over the (N, in) gradient
+            grad_x = _round(torch.mm(_round(gh.mul(keep_scale), dtype) if p > 0 else gh, A_c), dtype)
+            if pos is not None:
+                grad_x.view(-1)[pos] = 0  # dropped inputs get no LoRA gradient
+            torch.addmm(grad_x, g, weight_t.to(c).T, out=grad_x)  # (N, out) @ (out, in), in place
+    if need_a:
+        if mask is not None:
+            grad_A = gh.T @ (x2.to(c) * mask)  # (R, N) @ (N, in)
+        elif pos is not None:
+            # summed over chunks in fp32 at least: a 16-bit GEMM rounds each chunk's product, not the running sum
+            grad_A = torch.zeros(A.shape, dtype=_wide(gh).dtype, device=A.device)
+            for start, stop, chunk in _masked_chunks(x2, pos, c):
+                # (R, rows) @ (rows, in): the dropped inputs are zeros
+                if grad_A.dtype == c:
+                    torch.addmm(grad_A, gh[start:stop].T, chunk, out=grad_A)
+                else:
+                    grad_A += gh[start:stop].T @ chunk
+        else:
+            grad_A = gh.T @ x2.to(c)  # (R, N) @ (N, in)
+        grad_A = _round(grad_A, dtype)
+        if p > 0:
+            grad_A.mul_(keep_scale)
+    grad_w = (x2.to(c).T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t
+    grad_bias = g.sum(0) if need_b and has_bias else None
+    return tuple(t.to(dtype) if t is not None else None for t in (grad_x, grad_w, grad_bias, grad_A, grad_B))
+
+
+def _positions_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n <= 2**31 else torch.int64
+
+
 class _FusedLoRALinear(torch.autograd.Function):
-    """x2: (N, in); weight_t: (in, out) (a view of W^T); A: (R, in); B: (rows, r); see :func:`fused_lora_linear`."""
+    """x2: (N, in); weight_t: (in, out) (a view of W^T); A: (R, in); B: (rows, r); see :func:`fused_lora_linear`.
+    The eager path (no dispatcher in between); under torch.compile the same two functions run as the custom ops
+    below."""
 
     @staticmethod
     def forward(
@@ -120,98 +255,20 @@ class _FusedLoRALinear(torch.autograd.Function):
         dense_mask: bool,
         gemm_dtype: torch.dtype | None = None,
     ):
-        # gemm_dtype (fp32 over 16-bit operands, see _gemm_dtype): every product runs on the operands upcast (exact),
-        # and what the 16-bit path keeps in 16 bits (h, the output) is rounded to it: the same values, up to the
-        # order of fp32 accumulation.
-        dtype = x2.dtype
-        c = gemm_dtype or dtype
-        X, A_c = x2.to(c), A.to(c)  # no-ops without gemm_dtype
-        pos = mask = None
-        if p > 0 and dense_mask:
-            # On a GPU a dense mask is cheap to draw and the sparse path's host syncs are not: keep a bool mask.
-            x_dropped, mask = torch.native_dropout(x2, p, True)
-            h = x_dropped.to(c) @ A_c.T  # (N, in) @ (in, R) -> (N, R)
-        elif p > 0:
-            # int32 positions where they fit: half the memory kept for the backward, faster index math
-            pos = dropout_positions(x2.numel(), p, x2.device, torch.int32 if x2.numel() <= 2**31 else torch.int64)
-            h = torch.empty(x2.shape[0], A.shape[0], dtype=c, device=x2.device)
-            for start, stop, chunk in _masked_chunks(x2, pos, c):
-                torch.mm(chunk, A_c.T, out=h[start:stop])  # (rows, in) @ (in, R): the dropped inputs are zeros
-            h = _round(h, dtype).mul_(1.0 / (1.0 - p))  # the 16-bit path rounds the product, then the scaled h
-        else:
-            h = X @ A_c.T  # (N, in) @ (in, R) -> (N, R)
-        h = _round(h, dtype).to(dtype)
-        # (N, in) @ (in, out), then (N, r) @ (r, size) accumulated into each slice's columns: PEFT's order, frozen
-        # product first. (The LoRA term first with the GEMM adding onto it would save a pass over the output, but
-        # moved a Phi-3's fp32 logits 1.5e-4 from the merged model's, against 0.97e-4 in this order.)
-        out = torch.addmm(bias.to(c), X, weight_t.to(c)) if bias is not None else X @ weight_t.to(c)
-        del X  # with gemm_dtype an fp32 copy of the input
-        out = _round(out, dtype)  # the 16-bit path rounds here, and again after adding the LoRA term
-        h_c, B_c = h.to(c), B.to(c)
-        for start, size, b_row, a_row in blocks:
-            out[:, start : start + size].addmm_(h_c[:, a_row : a_row + r], B_c[b_row : b_row + size].T, alpha=scaling)
+        out, h, pos, mask = _linear_forward(x2, weight_t, bias, A, B, scaling, p, blocks, r, dense_mask, gemm_dtype)
         ctx.save_for_backward(x2, weight_t, A, B, h, pos, mask)
         ctx.scaling, ctx.p, ctx.blocks, ctx.r, ctx.has_bias = scaling, p, blocks, r, bias is not None
         ctx.gemm_dtype = gemm_dtype
-        return out.to(dtype)
+        return out
 
     @staticmethod
     def backward(ctx, g):
         x2, weight_t, A, B, h, pos, mask = ctx.saved_tensors
-        s, p, r = ctx.scaling, ctx.p, ctx.r
-        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
-        dtype = g.dtype
-        c = ctx.gemm_dtype or dtype
-        g = g.contiguous().to(c)  # (N, out); upcast (exact) only with gemm_dtype
-        B_c, h_c = B.to(c), h.to(c)
-        gh = torch.empty(g.shape[0], A.shape[0], dtype=c, device=g.device)  # (N, R)
-        grad_B = torch.empty_like(B, dtype=c) if need_bb else None
-        for start, size, b_row, a_row in ctx.blocks:
-            g_slice = g[:, start : start + size]  # (N, size)
-            torch.mm(g_slice, B_c[b_row : b_row + size], out=gh[:, a_row : a_row + r])  # (N, size) @ (size, r)
-            if need_bb:
-                torch.mm(g_slice.T, h_c[:, a_row : a_row + r], out=grad_B[b_row : b_row + size])  # (size, N) @ (N, r)
-        if need_bb:
-            grad_B = _round(grad_B, dtype)
-        gh.mul_(s)
-        gh = _round(gh, dtype)
-        if need_bb:
-            grad_B.mul_(s)
-        keep_scale = 1.0 / (1.0 - p) if p > 0 else 1.0
-        grad_x = grad_A = None
-        if need_x:
-            A_c = A.to(c)
-            if mask is not None:
-                grad_x = _round(g @ weight_t.to(c).T, dtype)  # (N, out) @ (out, in)
-                grad_x.addcmul_(gh @ A_c, mask, value=keep_scale)  # dropped inputs get no LoRA gradient
-            else:
-                # the LoRA term first, (N, R) @ (R, in), then the frozen layer's product accumulated into it by
-                # the GEMM itself (beta = 1): no second pass over the (N, in) gradient
-                grad_x = _round(torch.mm(_round(gh.mul(keep_scale), dtype) if p > 0 else gh, A_c), dtype)
-                if pos is not None:
-                    grad_x.view(-1)[pos] = 0  # dropped inputs get no LoRA gradient
-                torch.addmm(grad_x, g, weight_t.to(c).T, out=grad_x)  # (N, out) @ (out, in), in place
-        if need_a:
-            if mask is not None:
-                grad_A = gh.T @ (x2.to(c) * mask)  # (R, N) @ (N, in)
-            elif pos is not None:
-                # summed over chunks in fp32 at least: a 16-bit GEMM rounds each chunk's product, not the running sum
-                grad_A = torch.zeros(A.shape, dtype=_wide(gh).dtype, device=A.device)
-                for start, stop, chunk in _masked_chunks(x2, pos, c):
-                    # (R, rows) @ (rows, in): the dropped inputs are zeros
-                    if grad_A.dtype == c:
-                        torch.addmm(grad_A, gh[start:stop].T, chunk, out=grad_A)
-                    else:
-                        grad_A += gh[start:stop].T @ chunk
-            else:
-                grad_A = gh.T @ x2.to(c)  # (R, N) @ (N, in)
-            grad_A = _round(grad_A, dtype)
-            if p > 0:
-                grad_A.mul_(keep_scale)
-        grad_w = (x2.to(c).T @ g) if need_w else None  # (in, N) @ (N, out), the shape of weight_t
-        grad_bias = g.sum(0) if need_b and ctx.has_bias else None
-        grads = (grad_x, grad_w, grad_bias, grad_A, grad_B)
-        return *(t.to(dtype) if t is not None else None for t in grads), None, None, None, None, None, None
+        grads = _linear_backward(
+            g, x2, weight_t, A, B, h, pos, mask, ctx.scaling, ctx.p, ctx.blocks, ctx.r, ctx.gemm_dtype,
+            ctx.needs_input_grad[:5], ctx.has_bias,
+        )  # fmt: skip
+        return *grads, None, None, None, None, None, None
 
 
 @functools.cache
@@ -251,6 +308,156 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
     return None
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The same computation as torch.library custom ops, for torch.compile: dynamo cannot trace the autograd Function (its
+# dropout draws a data-dependent number of positions and its chunks read them back), so while compiling the layers
+# call these instead, which dynamo and AOT autograd keep as one opaque node each way; inductor fuses what lies around
+# them. Their autograd is registered below; the backward is a second op.
+# ``nondeterministic_seeded``: the forward draws from torch's default generator, so it is impure (never dropped),
+# inductor keeps the order of such ops (torch/_library/utils.py is_impure, _inductor/fx_passes/post_grad.py
+# reorder_for_locality), and where activation checkpointing inside a compiled region recomputes it in the backward,
+# AOT autograd saves and restores the generator's state around it (_functorch/partitioners.py
+# functionalize_rng_ops): the compiled layers draw the eager stream, op by op. AOT autograd's CSE ignores the tag
+# (see _exempt_from_cse).
+# Every output has a size known before the op runs (a data-dependent size breaks dynamo's graph unless fullgraph=True
+# or capture_dynamic_output_shape_ops): so instead of the dropped positions (as many as were drawn) the forward
+# returns the generator's state before its draw, a few KiB, from which the backward draws the same positions again
+# (n p random numbers: a small fraction of the layer's backward).
+
+
+def _flat_blocks(blocks: Sequence[Block]) -> list[int]:
+    return [v for block in blocks for v in block]
+
+
+def _unflat_blocks(flat: Sequence[int]) -> tuple[Block, ...]:
+    return tuple((flat[i], flat[i + 1], flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4))
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    """The state of torch's default generator of ``device`` (a uint8 CPU tensor, its size fixed per device type)."""
+    return torch.get_rng_state() if device.type == "cpu" else torch.get_device_module(device).get_rng_state(device)
+
+
+@torch.library.custom_op("lora::fused_lora_linear", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def _linear_op(
+    x2: torch.Tensor,
+    weight_t: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    p: float,
+    blocks: list[int],
+    r: int,
+    dense_mask: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_linear_forward` as an op: ``(out: (N, out), h: (N, R), dropped)``, ``dropped`` the default
+    generator's state before the draw of the dropped positions (uint8), the bool mask (``dense_mask``), or empty
+    (no dropout). ``blocks``: the :data:`Block` tuples flattened."""
+    sparse = p > 0 and not dense_mask
+    state = _rng_state(x2.device) if sparse else None
+    gemm = _gemm_dtype(x2.dtype, x2.device)
+    out, h, _, mask = _linear_forward(x2, weight_t, bias, A, B, scaling, p, _unflat_blocks(blocks), r, dense_mask, gemm)
+    dropped = state if sparse else mask if mask is not None else x2.new_empty(0, dtype=torch.uint8)
+    return out, h, dropped
+
+
+@_linear_op.register_fake
+def _(x2, weight_t, bias, A, B, scaling, p, blocks, r, dense_mask):
+    _exempt_from_cse()  # runs while dynamo traces, before AOT autograd's CSE
+    out = x2.new_empty(x2.shape[0], weight_t.shape[1])
+    h = x2.new_empty(x2.shape[0], A.shape[0])
+    if p > 0 and dense_mask:
+        dropped = x2.new_empty(x2.shape, dtype=torch.bool)
+    elif p > 0:  # a generator's state is a CPU tensor, whatever its device
+        dropped = torch.empty(_rng_state_size(x2.device.type), dtype=torch.uint8, device="cpu")
+    else:
+        dropped = x2.new_empty(0, dtype=torch.uint8)
+    return out, h, dropped
+
+
+def _exempt_from_cse() -> None:
+    """Put the forward op on the list of random ops AOT autograd's common-subexpression elimination leaves alone.
+
+    That pass (``torch/_functorch/compile_utils.py`` ``fx_graph_cse``, torch 2.13) exempts the ATen ops of a fixed
+    list (``rand_ops``), not ops tagged ``nondeterministic_seeded``: without this, two calls with the same inputs
+    (one LoRA layer applied twice to one tensor) would become one draw. Done lazily, from the fake implementation,
+    so that importing lora does not import the compiler; a torch without that list is left as it is.
+    """
+    try:
+        from torch._functorch import compile_utils
+    except ImportError:
+        return
+    rand_ops = getattr(compile_utils, "rand_ops", None)
+    if isinstance(rand_ops, list) and torch.ops.lora.fused_lora_linear not in rand_ops:
+        rand_ops.append(torch.ops.lora.fused_lora_linear)
+
+
+@functools.cache
+def _rng_state_size(device_type: str) -> int:
+    return _rng_state(torch.device(device_type)).numel()
+
+
+@torch.library.custom_op("lora::fused_lora_linear_backward", mutates_args=())
+def _linear_backward_op(
+    g: torch.Tensor,
+    x2: torch.Tensor,
+    weight_t: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    h: torch.Tensor,
+    dropped: torch.Tensor,
+    scaling: float,
+    p: float,
+    blocks: list[int],
+    r: int,
+    needs: list[bool],
+    has_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_linear_backward` as an op: the gradients of ``(x2, weight_t, bias, A, B)``, each contiguous, or empty
+    where ``needs`` does not ask for it (an op returns no None). The dropped positions are drawn again from the
+    state the forward returned, by a generator of this op's own (the default generator is left as it is)."""
+    pos = mask = None
+    if p > 0 and dropped.dtype == torch.bool:
+        mask = dropped
+    elif p > 0:
+        generator = torch.Generator(x2.device)
+        generator.set_state(dropped)
+        pos = dropout_positions(x2.numel(), p, x2.device, _positions_dtype(x2.numel()), generator=generator)
+    gemm = _gemm_dtype(g.dtype, g.device)
+    grads = _linear_backward(
+        g, x2, weight_t, A, B, h, pos, mask, scaling, p, _unflat_blocks(blocks), r, gemm, needs, has_bias
+    )
+    return tuple(g.new_empty(0) if t is None else t.contiguous() for t in grads)
+
+
+@_linear_backward_op.register_fake
+def _(g, x2, weight_t, A, B, h, dropped, scaling, p, blocks, r, needs, has_bias):
+    shapes = (x2.shape, weight_t.shape, (weight_t.shape[1],), A.shape, B.shape)
+    wanted = (*needs[:2], needs[2] and has_bias, *needs[3:])
+    return tuple(g.new_empty(shape if want else (0,)) for shape, want in zip(shapes, wanted))
+
+
+def _linear_op_setup(ctx, inputs, output) -> None:
+    x2, weight_t, bias, A, B, scaling, p, blocks, r, _ = inputs
+    _, h, dropped = output
+    ctx.save_for_backward(x2, weight_t, A, B, h, dropped)
+    ctx.conf = (scaling, p, blocks, r, bias is not None)
+
+
+def _linear_op_backward(ctx, g, _grad_h, _grad_dropped):
+    x2, weight_t, A, B, h, dropped = ctx.saved_tensors
+    scaling, p, blocks, r, has_bias = ctx.conf
+    needs = [bool(n) for n in ctx.needs_input_grad[:5]]
+    grads = torch.ops.lora.fused_lora_linear_backward(
+        g, x2, weight_t, A, B, h, dropped, scaling, p, blocks, r, needs, has_bias
+    )
+    return *(grad if need else None for grad, need in zip(grads, needs)), None, None, None, None, None
+
+
+_linear_op.register_autograd(_linear_op_backward, setup_context=_linear_op_setup)
+
+
 def fused_lora_linear(
     x: torch.Tensor,
     weight_t: torch.Tensor,
@@ -281,19 +488,11 @@ def fused_lora_linear(
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # each .to() is a no-op when the dtype already matches
         bias = bias.to(dtype) if bias is not None else None
-        out = _FusedLoRALinear.apply(
-            x2,
-            weight_t.to(dtype),
-            bias,
-            lora_A.to(dtype),
-            lora_B.to(dtype),
-            float(scaling),
-            float(dropout_p),
-            tuple(blocks),
-            r,
-            bool(dense_mask),
-            _gemm_dtype(dtype, x.device),
-        )
+        args = (x2, weight_t.to(dtype), bias, lora_A.to(dtype), lora_B.to(dtype), float(scaling), float(dropout_p))
+        if torch.compiler.is_compiling():  # the custom op: one opaque node in the graph
+            out, _, _ = torch.ops.lora.fused_lora_linear(*args, _flat_blocks(blocks), r, bool(dense_mask))
+        else:  # eager: the autograd Function, without the dispatcher's per-call cost
+            out = _FusedLoRALinear.apply(*args, tuple(blocks), r, bool(dense_mask), _gemm_dtype(dtype, x.device))
     return out.view(*x.shape[:-1], out.shape[-1])
 
 

@@ -22,9 +22,11 @@ Differences from loralib 0.1.2, on purpose:
 * Speed: ``Linear``/``MergedLinear`` run one fused autograd node (:mod:`lora.functional`) that accumulates the
   low-rank product into the frozen GEMM's output. It serves both ways of training in 16 bits: 16-bit weights
   without autocast (fp32 adapters are used in the weights' dtype), and autocast over any weights (everything in the
-  autocast dtype, as autocast itself would compute it). Under torch.compile the plain ops run (the compiler fuses
-  them itself). An ungrouped fp32 conv without dropout convolves with the merged filters ``W + s B A``, so at init
-  it equals the plain conv to within rounding (about 1e-7 relative), not bit for bit.
+  autocast dtype, as autocast itself would compute it). Under torch.compile they call the same computation
+  registered as a custom op (``lora::fused_lora_linear``), which the compiler keeps as one node and fuses around;
+  the conv kinds run their plain ops there. An ungrouped fp32 conv without dropout convolves with the merged
+  filters ``W + s B A``, so at init it equals the plain conv to within rounding (about 1e-7 relative), not bit for
+  bit.
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def _fused_dtype(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor) ->
     Under autocast: its dtype, for every floating input below fp64 (what autocast's own matmuls would use). Without
     it: the weight's dtype when the input has it and the LoRA parameters have it or are fp32 (then used in the
     weight's dtype, as autocast would: the LoRA term is rounded to the base's precision when added anyway). Never
-    while torch.compile traces (it fuses the plain ops itself) or across devices.
+    across devices or over a 4-bit weight. Under torch.compile the same conditions hold: the linear kinds then
+    call the fused path's custom op (:mod:`lora.functional`), one opaque node in the graph.
     """
-    if torch.compiler.is_compiling() or x.device != weight.device or isinstance(weight, Weight4bit):
+    if x.device != weight.device or isinstance(weight, Weight4bit):
         return None
     if torch.is_autocast_enabled(x.device.type):
         autocast_dtype = torch.get_autocast_dtype(x.device.type)
@@ -819,6 +822,7 @@ class _ConvLoRA(LoRABase, nn.modules.conv._ConvNd):
             and not isinstance(self.padding, str)
             and (_dropout_p(self) == 0 or not dropout)
             and x.dtype in (torch.float32, torch.float64)
+            and not torch.compiler.is_compiling()  # the plain ops, which the compiler traces and fuses itself
             and _fused_dtype(x, self.weight, self.lora_A) == x.dtype
         ):
             padding = self.padding

@@ -1002,7 +1002,7 @@ def test_fused_path_serves_autocast_and_matches_the_plain_ops(kind, weight_dtype
                 lora.functional._FusedLoRALinear, "apply", wraps=lora.functional._FusedLoRALinear.apply
             ) as spy,
         ):
-            if not fused:  # the plain ops, as under torch.compile
+            if not fused:  # the plain ops (the path of cases the fused one does not cover)
                 with mock.patch("lora.layers._fused_dtype", return_value=None):
                     y = layer(x)
             else:

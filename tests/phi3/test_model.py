@@ -357,6 +357,118 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_with_checkpointing() 
     torch._dynamo.reset()
 
 
+def _recording_backend(graphs: dict[str, list]):
+    """aot_eager that keeps AOT autograd's forward and backward graphs (the ATen ops the compiled code calls)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(kind: str):
+        def compiler(gm: torch.fx.GraphModule, _inputs) -> object:
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+
+
+def test_compiled_layers_with_lora_dropout_draw_the_eager_masks_and_keep_the_fused_op() -> None:
+    """LoRA dropout 0.3 under compile_layers (torch's defaults, as --compile): no graph break, every adapted
+    projection one lora::fused_lora_linear node in the forward graph and one lora::fused_lora_linear_backward node
+    in the backward (no dropout op of the compiler's), and, from the same seed, the compiled model's loss and LoRA
+    gradients equal eager's, with and without gradient checkpointing: the op draws the eager random stream, in
+    eager's order, and the checkpoint's recompute draws the forward's positions again (else the recompute fails its
+    check or A's gradients differ). aot_eager, as the test above; tests/test_functional.py compiles the op with
+    inductor."""
+    from torch._dynamo.utils import counters
+
+    import lora
+
+    _, ours = pair(**CASES["gqa"])
+    lora.phi3.inject(ours, r=4, lora_alpha=8, lora_dropout=0.3)
+    for name, p in ours.named_parameters():
+        if name.endswith("lora_B"):
+            torch.nn.init.normal_(p, std=0.1)
+    lora.mark_only_lora_as_trainable(ours)
+    ours.train()
+
+    def loss_and_grads(seed: int = 5, length: int = 9) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        ours.zero_grad()
+        torch.manual_seed(seed)
+        ids = token_ids(2, length)
+        loss = ours(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+
+    eager = {length: loss_and_grads(length=length) for length in (9, 13)}
+    assert not torch.equal(loss_and_grads(seed=6)[0], eager[9][0])  # another seed, other masks: the dropout is live
+    torch._dynamo.reset()
+    counters.clear()
+    graphs: dict[str, list] = {"forward": [], "backward": []}
+    ours.compile_layers(backend=_recording_backend(graphs))
+    # the second length recompiles with a symbolic sequence length, as the example's batches do
+    for checkpointing, length in ((False, 9), (True, 9), (True, 13)):
+        if checkpointing:
+            ours.gradient_checkpointing_enable()
+        loss, grads = loss_and_grads(length=length)
+        torch.testing.assert_close(loss, eager[length][0], rtol=1e-6, atol=1e-6)
+        for name, grad in eager[length][1].items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    ours.gradient_checkpointing_disable()
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    hidden_inputs = [  # each graph's (batch, length, hidden) input
+        next(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and isinstance(n.meta["val"], torch.Tensor))
+        for gm in graphs["forward"]
+    ]
+    assert any(isinstance(t.shape[1], torch.SymInt) for t in hidden_inputs)  # a graph for any length was traced
+    assert graphs["forward"] and graphs["backward"]
+
+    def targets(kind: str) -> list[object]:
+        return [node.target for gm in graphs[kind] for node in gm.graph.nodes if node.op == "call_function"]
+
+    adapted = 4  # qkv_proj, o_proj, gate_up_proj, down_proj per layer
+    for gm_targets in ([node.target for node in gm.graph.nodes] for gm in graphs["forward"]):
+        assert gm_targets.count(torch.ops.lora.fused_lora_linear.default) == adapted
+    for gm_targets in ([node.target for node in gm.graph.nodes] for gm in graphs["backward"]):
+        assert gm_targets.count(torch.ops.lora.fused_lora_linear_backward.default) == adapted
+    random_ops = {torch.ops.aten.native_dropout.default, torch.ops.aten.bernoulli.p, torch.ops.aten.rand.default}
+    assert not random_ops & set(targets("forward"))
+    torch._dynamo.reset()
+
+
+def test_a_decoder_layer_with_lora_dropout_compiles_as_one_graph() -> None:
+    """fullgraph=True on one decoder layer (LoRA dropout 0.3 in every projection): dynamo captures it whole, and its
+    output and LoRA gradients equal eager's from the same seed."""
+    import lora
+
+    _, ours = pair(**CASES["gqa"])
+    lora.phi3.inject(ours, r=4, lora_alpha=8, lora_dropout=0.3)
+    ours.train()
+    layer = ours.model.layers[1]
+    x = torch.randn(2, 7, HIDDEN, requires_grad=True)
+    cos, sin = ours.model.rotary_emb(torch.arange(7)[None], x.dtype, 6)
+
+    def run(fn) -> list[torch.Tensor]:
+        layer.zero_grad()
+        x.grad = None
+        torch.manual_seed(3)
+        out, _ = fn(x, cos, sin, None, True, None, False)
+        out.square().sum().backward()
+        return [
+            out.detach(),
+            x.grad,
+            *(p.grad for n, p in layer.named_parameters() if n.endswith(("lora_A", "lora_B"))),
+        ]
+
+    eager = run(layer)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(layer, fullgraph=True, backend="aot_eager"))
+    torch._dynamo.reset()
+    assert len(compiled) == 2 + 8
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- packing
 
 

@@ -1,12 +1,14 @@
 """Where the time of a LoRA layer's training step goes: its sub-operations timed one by one, interleaved.
 
-Issue 21's profile of the two layers still above their targets: ``Conv2d`` 64 -> 64, k=3, r=8 on 16 x 64 x 56 x 56
-(what the fused conv runs, and the alternatives measured for it), and the dropout path of ``Linear`` 3072, r=16,
-4096 tokens, p=0.05 (what it costs next to the frozen layer's two GEMMs). Every sub-operation runs once per
+Issue 21's profile of the layers above or near their targets: ``Conv2d`` 64 -> 64, k=3, r=8 on 16 x 64 x 56 x 56
+(what the fused conv runs, and the alternatives measured for it), the dropout path of ``Linear`` 3072, r=16,
+4096 tokens, p=0.05 (what it costs next to the frozen layer's two GEMMs), and the fused qkv 1024 -> 3 x 1024 with
+q and v adapted (r=16 each), p=0.05, 4096 tokens: each product of the fused path's per-slice bookkeeping, and the
+whole step of both layers for a check that the parts add up. Every sub-operation runs once per
 round, in a shuffled order; the table gives the median and min over rounds, and each median over the frozen
 layer's forward GEMM/conv of the same rounds.
 
-    python benchmarks/profile_layers.py                       # both, torch's threads, wall-clock time
+    python benchmarks/profile_layers.py                       # all three, torch's threads, wall-clock time
     python benchmarks/profile_layers.py --threads 1 --cpu-time   # one thread, CPU time of that thread
 
 ``--cpu-time`` (with one thread only) times each operation by the CPU time of the calling thread, which a
@@ -28,10 +30,11 @@ import torch.nn.functional as F
 
 import _timing  # noqa: F401  (puts the checkout on sys.path)
 from _timing import header
-from lora.functional import _masked_chunks, dropout_positions
+from lora.functional import _masked_chunks, dropout_positions, fused_lora_linear
 
 CONV = dict(batch=16, channels=64, size=56, r=8)
 LINEAR = dict(tokens=4096, hidden=3072, r=16, p=0.05)
+QKV = dict(tokens=4096, hidden=1024, r=16, p=0.05)  # q and v adapted: slices 0 and 2 of 3
 
 
 def conv_ops() -> dict[str, Callable[[], object]]:
@@ -106,6 +109,74 @@ def linear_ops() -> dict[str, Callable[[], object]]:
     }
 
 
+def qkv_ops() -> dict[str, Callable[[], object]]:
+    n, d, r, p = QKV["tokens"], QKV["hidden"], QKV["r"], QKV["p"]
+    torch.manual_seed(0)
+    x, g = torch.randn(n, d), torch.randn(n, 3 * d)
+    W = torch.randn(3 * d, d) * 0.01
+    A, B = torch.randn(2 * r, d) * 0.01, torch.randn(2 * d, r) * 0.01  # rows of A and B: q's, then v's
+    blocks = ((0, d, 0, 0), (2 * d, d, d, r))  # (output column, columns, first row of B, first row of A)
+    pos = dropout_positions(x.numel(), p, dtype=torch.int32)
+    h, gh, out = torch.randn(n, 2 * r), torch.randn(n, 2 * r), x @ W.T
+    xg, Wg, Ag, Bg = (t.clone().requires_grad_() for t in (x, W, A, B))
+    Wg.requires_grad_(False)
+
+    def h_dropout() -> torch.Tensor:
+        h = torch.empty(n, 2 * r)
+        for start, stop, chunk in _masked_chunks(x, pos, x.dtype):
+            torch.mm(chunk, A.T, out=h[start:stop])  # (rows, in) @ (in, 2r)
+        return h
+
+    def out_slices() -> None:
+        for col, size, b_row, a_row in blocks:  # (N, r) @ (r, size) into the slice's columns
+            out[:, col : col + size].addmm_(h[:, a_row : a_row + r], B[b_row : b_row + size].T)
+
+    def gh_slices() -> torch.Tensor:
+        t = torch.empty(n, 2 * r)
+        for col, size, b_row, a_row in blocks:  # (N, size) @ (size, r)
+            torch.mm(g[:, col : col + size], B[b_row : b_row + size], out=t[:, a_row : a_row + r])
+        return t
+
+    def grad_b_slices() -> torch.Tensor:
+        t = torch.empty(2 * d, r)
+        for col, size, b_row, a_row in blocks:  # (size, N) @ (N, r)
+            torch.mm(g[:, col : col + size].T, h[:, a_row : a_row + r], out=t[b_row : b_row + size])
+        return t
+
+    def grad_a_dropout() -> torch.Tensor:
+        grad = torch.zeros(2 * r, d)
+        for start, stop, chunk in _masked_chunks(x, pos, x.dtype):
+            torch.addmm(grad, gh[start:stop].T, chunk, out=grad)  # (2r, rows) @ (rows, in)
+        return grad
+
+    def grad_x_lora() -> torch.Tensor:
+        t = torch.mm(gh, A)  # (N, 2r) @ (2r, in)
+        t.view(-1)[pos] = 0
+        return torch.addmm(t, g, W, out=t)  # the frozen input gradient accumulated into it
+
+    def frozen_step() -> None:
+        xg.grad = None
+        (xg @ Wg.T).backward(g)
+
+    def lora_step() -> None:
+        xg.grad = Ag.grad = Bg.grad = None
+        fused_lora_linear(xg, Wg.T, None, Ag, Bg, 2.0, p, blocks, r).backward(g)
+
+    return {
+        "qkv: frozen forward GEMM x W^T [reference]": lambda: x @ W.T,
+        "qkv: frozen backward GEMM g W": lambda: g @ W,
+        "qkv: dropout positions (n p of n)": lambda: dropout_positions(x.numel(), p, dtype=torch.int32),
+        "qkv: h = dropout(x) A^T, 2 x 16 ranks, masked chunks": h_dropout,
+        "qkv: out[:, slice] += h_i B_i^T, 2 slices": out_slices,
+        "qkv: gh_i = g[:, slice] B_i, 2 slices": gh_slices,
+        "qkv: grad_B_i = g[:, slice]^T h_i, 2 slices": grad_b_slices,
+        "qkv: grad_A = gh^T dropout(x), masked chunks": grad_a_dropout,
+        "qkv: grad_x = gh A, dropped zeroed, + g W in place": grad_x_lora,
+        "qkv: whole frozen step (forward, input gradient)": frozen_step,
+        "qkv: whole LoRA step (fused_lora_linear forward + backward)": lora_step,
+    }
+
+
 def run(ops: dict[str, Callable[[], object]], rounds: int, clock: Callable[[], float]) -> dict[str, list[float]]:
     for fn in ops.values():
         fn()
@@ -127,15 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--cpu-time", action="store_true", help="time by the thread's CPU time (needs --threads 1)")
-    p.add_argument("--cases", default="conv,linear", help="comma-separated subset of: conv, linear (default: both)")
+    p.add_argument(
+        "--cases", default="conv,linear,qkv", help="comma-separated subset of: conv, linear, qkv (default: all)"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cpu_time and torch.get_num_threads() != 1:
         p.error("--cpu-time needs --threads 1: other threads' CPU time would not be counted")
     wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-    if set(wanted) - {"conv", "linear"}:
-        p.error(f"unknown cases {sorted(set(wanted) - {'conv', 'linear'})}")
+    cases = {"conv": conv_ops, "linear": linear_ops, "qkv": qkv_ops}
+    if set(wanted) - set(cases):
+        p.error(f"unknown cases {sorted(set(wanted) - set(cases))}")
     clock = time.thread_time if args.cpu_time else time.perf_counter
     print("## profile_layers: sub-operations of a LoRA layer's training step\n")
     print(header(torch.float32))
@@ -143,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| operation | ms median | ms min | / reference |")
     print("|---|---|---|---|")
     for case in wanted:
-        times = run(conv_ops() if case == "conv" else linear_ops(), args.rounds, clock)
+        times = run(cases[case](), args.rounds, clock)
         ref = next(v for k, v in times.items() if k.endswith("[reference]"))
         for name, ts in times.items():
             share = statistics.median(a / b for a, b in zip(ts, ref))

@@ -108,15 +108,7 @@ def example_steps(cfg: dict[str, Any], seq: int, device: str) -> dict[str, Calla
     missing, unexpected = ours.load_state_dict(hf.state_dict(), strict=False)  # the same names as transformers'
     if [k for k in missing if "rotary" not in k] or unexpected:  # rotary buffers are derived, not weights
         raise RuntimeError(f"weights not copied: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    lora.phi3.inject(
-        ours,
-        r=lc["r"],
-        lora_alpha=lc["lora_alpha"],
-        lora_dropout=lc["lora_dropout"],
-        targets=tuple(lc["targets"]),
-        qkv_slices=tuple(lc["qkv_slices"]),
-        fused=lc["fused"],
-    )
+    lora.phi3.inject(ours, **{k: tuple(v) if isinstance(v, list) else v for k, v in lc.items()})  # as the example
     peft = _impls.add_lora(hf, "peft", lc["r"], lc["lora_alpha"], lc["lora_dropout"])
     if tc["gradient_checkpointing"]:
         ours.gradient_checkpointing_enable()

@@ -153,20 +153,24 @@ def test_matches_bitsandbytes_linear4bit():
 # -- LoRA layers over a 4-bit base -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunked", [False, True])
-@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
-def test_lora_over_nf4_equals_lora_over_the_dequantized_weight(kind, chunked, monkeypatch):
-    """Also with the weight dequantized in chunks of rows (a MergedLinear adds its slices into that output)."""
-    import lora.qlora
-
-    if chunked:
-        monkeypatch.setattr(lora.functional, "_BLOCK_ELEMENTS", 64 * 64)  # 96 rows: chunks of 64 and 32
+def adapted_64_to_96(kind: str) -> nn.Module:
+    """A seeded Linear (or a MergedLinear adapting slices 0 and 2 of 3) 64 -> 96, r=4, with non-zero adapters."""
     torch.manual_seed(0)
     if kind == "Linear":
         layer = lora.Linear(64, 96, r=4, lora_alpha=8)
     else:
         layer = lora.MergedLinear(64, 96, r=4, lora_alpha=8, enable_lora=[True, False, True])
     randomize_adapters(layer)
+    return layer
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("kind", ["Linear", "MergedLinear"])
+def test_lora_over_nf4_equals_lora_over_the_dequantized_weight(kind, chunked, monkeypatch):
+    """Also with the weight dequantized in chunks of rows (a MergedLinear adds its slices into that output)."""
+    if chunked:
+        monkeypatch.setattr(lora.functional, "_BLOCK_ELEMENTS", 64 * 64)  # 96 rows: chunks of 64 and 32
+    layer = adapted_64_to_96(kind)
     holder = nn.Sequential(layer)
     assert lora.quantize(holder) == ["0"]
     assert type(holder[0]) is type(layer) and isinstance(layer, nn.Linear) and isinstance(layer.weight, Weight4bit)
@@ -192,16 +196,9 @@ def test_bf16_lora_over_nf4_multiplies_in_fp32_where_bf16_is_emulated(kind, monk
     """On a CPU without bf16 matrix units (lora.functional._gemm_dtype) no product of a bf16 LoRA layer over NF4 runs
     in bf16 (torch would emulate it, many times slower): the 4-bit product and the adapter's run in fp32 over the
     bf16 values; the output and the gradients stay bf16, close to the fp64 reference."""
-    import lora.qlora
-
     monkeypatch.setattr(lora.functional, "_cpu_has_16bit_gemm", lambda dt: False)
     monkeypatch.setattr(lora.functional, "_BLOCK_ELEMENTS", 64 * 64)
-    torch.manual_seed(0)
-    if kind == "Linear":
-        layer = lora.Linear(64, 96, r=4, lora_alpha=8)
-    else:
-        layer = lora.MergedLinear(64, 96, r=4, lora_alpha=8, enable_lora=[True, False, True])
-    randomize_adapters(layer)
+    layer = adapted_64_to_96(kind)
     layer.to(torch.bfloat16)
     lora.quantize(layer)
     reference = dequantized_copy(nn.Sequential(layer)).double()

@@ -116,7 +116,7 @@ def example_steps(cfg: dict[str, Any], seq: int, device: str) -> dict[str, Calla
 
     def step_of(model: torch.nn.Module, loss_of: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
+        optimizer = example.adamw(trainable, tc)  # the example's optimizer, on both sides
 
         def step() -> torch.Tensor:
             loss = loss_of()

@@ -621,9 +621,8 @@ def test_answer_match_is_whole_word() -> None:
         }
         for a in ("900", "900", "1900")
     ]
-    replies = iter(["X has 1900 people.", "X has 900 people.", "X has 1900 people."])
-    example.replies = lambda *args, **kwargs: [next(replies) for _ in qa]
-    scores, _ = example.qa_accuracy(None, None, qa, {"max_new_tokens": 8, "per_device_eval_batch_size": 4}, "cpu")
+    assert example.qa_prompts(qa) == [[{"role": "user", "content": "q"}]] * 3
+    scores = example.qa_scores(qa, ["X has 1900 people.", "X has 900 people.", "X has 1900 people."])
     assert scores["answer_match"] == 2 / 3 and scores["exact_match"] == 2 / 3
 
 

@@ -517,15 +517,20 @@ def replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, ba
     return out
 
 
+def _last_reply(messages: list[dict]) -> int:
+    """Index of the last assistant message: a held-out record's reference reply."""
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
 def qa_prompts(qa: list[dict]) -> list[list[dict]]:
     """Each held-out record's messages before its last assistant message: the prompt whose reply is scored."""
-    return [q["messages"][: max(i for i, m in enumerate(q["messages"]) if m["role"] == "assistant")] for q in qa]
+    return [q["messages"][: _last_reply(q["messages"])] for q in qa]
 
 
 def qa_scores(qa: list[dict], got: list[str]) -> dict[str, float]:
     """Exact match (reply == the record's last assistant message) and answer match (the record's ``answer``
     appears in the reply as a whole word: "900" does not match "1900") of the replies ``got`` to :func:`qa_prompts`."""
-    reference = [next(m for m in reversed(q["messages"]) if m["role"] == "assistant")["content"].strip() for q in qa]
+    reference = [q["messages"][_last_reply(q["messages"])]["content"].strip() for q in qa]
     scores = {"exact_match": sum(g == r for g, r in zip(got, reference)) / len(qa)}
     with_answer = [(q["answer"], g) for q, g in zip(qa, got) if isinstance(q.get("answer"), str)]
     if with_answer:

@@ -626,6 +626,17 @@ def test_answer_match_is_whole_word() -> None:
     assert scores["answer_match"] == 2 / 3 and scores["exact_match"] == 2 / 3
 
 
+def test_optimizer_is_fused_adamw_except_over_fsdp_shards() -> None:
+    """The example's AdamW runs fused (one kernel for every LoRA tensor's update); FSDP2's DTensor parameters keep
+    torch's default implementation."""
+    example = _load_example("finetune_phi3")
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    cfg = dict(example.training_config)
+    fused = example.adamw(params, cfg)
+    assert fused.defaults["fused"] is True and fused.defaults["lr"] == cfg["learning_rate"]
+    assert example.adamw(params, {**cfg, "fsdp": True}).defaults["fused"] is None
+
+
 def test_variants_dora_pissa_loraplus_train_merge_and_resume(tiny_model, chats, tmp_path):
     """--use_dora --init_lora_weights pissa_niter_2 --loraplus_lr_ratio 16: the adapter file says so, the merged model
     and the adapter on the original base agree, the PEFT export is the converted rank-2r LoRA, and a killed run

@@ -42,7 +42,7 @@ def conv_ops() -> dict[str, Callable[[], object]]:
     torch.manual_seed(0)
     x, g = torch.randn(n, c, s, s), torch.randn(n, c, s, s)
     W, A, B = torch.randn(c, c, 3, 3) * 0.05, torch.randn(r, c, 3, 3) * 0.05, torch.randn(c, r) * 0.05
-    A16 = torch.cat([A, A.new_zeros(16 - r, c, 3, 3)])  # padded to 16 filters, as before issue 21
+    A16 = torch.cat([A, A.new_zeros(16 - r, c, 3, 3)])  # padded to 16 filters, as lora.functional runs it
     gh = torch.randn(n, r, s, s)
     cl = torch.channels_last
     x_cl, A_cl = x.contiguous(memory_format=cl), A.contiguous(memory_format=cl)
@@ -51,14 +51,17 @@ def conv_ops() -> dict[str, Callable[[], object]]:
         bias_sizes=None, stride=[1, 1], padding=[1, 1], dilation=[1, 1], transposed=False, output_padding=[0, 0]
     )
 
+    def h_padded():
+        return F.conv2d(x, A16, None, 1, 1)[:, :r]
+
     def backward(grad, weight, mask):
         return torch.ops.aten.convolution_backward(grad, x, weight, output_mask=mask, groups=1, **args)
 
     return {
         "conv: frozen forward, conv(x, W) [reference]": lambda: F.conv2d(x, W, None, 1, 1),
         "conv: frozen backward, input gradient": lambda: backward(g, W, [True, False, False]),
-        "conv: A's responses h = conv(x, A), r filters (used)": lambda: F.conv2d(x, A, None, 1, 1),
-        "conv: h through A padded to 16 filters (before)": lambda: F.conv2d(x, A16, None, 1, 1)[:, :r],
+        "conv: A's responses h = conv(x, A), A padded to 16 filters (used)": h_padded,
+        "conv: h through the r filters unpadded": lambda: F.conv2d(x, A, None, 1, 1),
         "conv: h in channels_last, x converted first": lambda: F.conv2d(
             x.contiguous(memory_format=cl), A_cl, None, 1, 1
         ),

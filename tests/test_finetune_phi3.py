@@ -626,6 +626,31 @@ def test_answer_match_is_whole_word() -> None:
     assert scores["answer_match"] == 2 / 3 and scores["exact_match"] == 2 / 3
 
 
+def test_evaluation_decodes_questions_and_samples_in_one_call(monkeypatch) -> None:
+    """The held-out questions and the sample prompts go through one ``replies`` call (in the generation batches),
+    and each reply comes back to its own list: the questions' to the scores, the samples' to the samples."""
+    example = _load_example("finetune_phi3")
+    qa = [
+        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+        for i in range(3)
+    ]
+    samples = [[{"role": "user", "content": "s0"}], [{"role": "user", "content": "s1"}]]
+    calls = []
+
+    def fake_replies(model, tokenizer, prompts, max_new_tokens, batch_size, device):
+        calls.append((len(prompts), batch_size))
+        # the reply to "qN" is "aN" except for q1; a sample's reply echoes its prompt
+        return [p[-1]["content"].replace("q", "a") if p[-1]["content"] != "q1" else "wrong" for p in prompts]
+
+    monkeypatch.setattr(example, "replies", fake_replies)
+    cfg = dict(example.training_config)
+    out = example.evaluate(None, None, [], qa, samples, cfg, "cpu", known_loss=0.5)
+    assert calls == [(5, cfg["generation_batch_size"])]
+    assert out["qa"]["exact_match"] == 2 / 3 and out["samples"] == ["s0", "s1"] and out["eval_loss"] == 0.5
+    out = example.evaluate(None, None, [], [], samples, cfg, "cpu", known_loss=None)  # no held-out questions
+    assert "qa" not in out and out["samples"] == ["s0", "s1"]
+
+
 def test_optimizer_is_fused_adamw_except_over_fsdp_shards() -> None:
     """The example's AdamW runs fused (one kernel for every LoRA tensor's update); FSDP2's DTensor parameters keep
     torch's default implementation."""

@@ -167,6 +167,37 @@ def _apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+class _KVBuffer(tuple):
+    """One layer's (keys, values) inside :meth:`Phi3ForCausalLM.generate`: views of the first positions of two
+    buffers allocated once for the whole generation, so each new token's keys and values are written in place
+    instead of concatenated onto a copy of the whole cache (one copy per token and layer, quadratic over a long
+    reply). Only ``generate`` makes them and it never hands one out: two continuations of one cache would write
+    into the same buffer."""
+
+    buffers: tuple[Tensor, Tensor] | None
+    capacity: int
+
+    def __new__(cls, capacity: int, buffers: tuple[Tensor, Tensor] | None = None, length: int = 0) -> _KVBuffer:
+        empty = torch.empty(0, 0, 0, 0)  # no buffer yet: past_len 0 to the model, allocated by the first extend
+        views = (empty, empty) if buffers is None else (buffers[0][:, :, :length], buffers[1][:, :, :length])
+        self = super().__new__(cls, views)
+        self.capacity, self.buffers = capacity, buffers
+        return self
+
+    def extend(self, k: Tensor, v: Tensor) -> _KVBuffer:
+        """This cache followed by ``k``, ``v``: (B, kv, T, head_dim), in the buffers' next T positions."""
+        start = self[0].shape[2]
+        end = start + k.shape[2]
+        buffers = self.buffers
+        if buffers is None:
+            buffers = tuple(t.new_empty(*t.shape[:2], self.capacity, t.shape[3]) for t in (k, v))
+        if end > buffers[0].shape[2]:  # generate sizes the buffers for every position it feeds the model
+            raise RuntimeError(f"KV buffer of {buffers[0].shape[2]} positions cannot hold {end}")
+        buffers[0][:, :, start:end] = k
+        buffers[1][:, :, start:end] = v
+        return _KVBuffer(self.capacity, buffers, end)
+
+
 class Phi3Attention(nn.Module):
     """Grouped-query attention with a fused q|k|v projection (rows ordered q, k, v) and rotary embeddings."""
 
@@ -200,10 +231,15 @@ class Phi3Attention(nn.Module):
         q = qk[:, :, :h].transpose(1, 2)  # (B, h, T, head_dim)
         k = qk[:, :, h:].transpose(1, 2)  # (B, kv, T, head_dim)
         v = qkv[:, :, h + kv :].transpose(1, 2)  # (B, kv, T, head_dim)
-        if past is not None:
-            k = torch.cat((past[0], k), dim=2)
-            v = torch.cat((past[1], v), dim=2)
-        present = (k, v) if use_cache else None
+        if isinstance(past, _KVBuffer):  # generate's cache: this step's keys and values written in place
+            present = past.extend(k, v)
+            k, v = present
+        else:
+            if past is not None:
+                k = torch.cat((past[0], k), dim=2)
+                v = torch.cat((past[1], v), dim=2)
+            present = (k, v)
+        present = present if use_cache else None
 
         gqa: dict[str, bool] = {}
         if kv != h:
@@ -543,14 +579,20 @@ class Phi3ForCausalLM(nn.Module):
         else:
             positions = torch.arange(ids.shape[1], device=device)[None].expand(ids.shape[0], -1)
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-        cache: KVCache | None = None
+        # every position the model is fed: the prompt and all generated tokens but the last
+        capacity = ids.shape[1] + max_new_tokens
+
+        def empty_cache() -> KVCache | None:
+            return tuple(_KVBuffer(capacity) for _ in self.model.layers) if use_cache else None
+
+        cache = empty_cache()
         omp = self.config.original_max_position_embeddings
         for _ in range(max_new_tokens):
             past_len = 0 if cache is None else cache[0][0].shape[2]
             # transformers' Phi3 quirk: the cached keys were rotated with LongRoPE's short factors; once the sequence
             # outgrows original_max_position_embeddings, drop the cache and recompute everything with the long ones.
-            if cache is not None and self.config.rope_scaling is not None and ids.shape[1] > omp >= past_len:
-                cache, past_len = None, 0
+            if past_len and self.config.rope_scaling is not None and ids.shape[1] > omp >= past_len:
+                cache, past_len = empty_cache(), 0
             out = self(
                 ids[:, past_len:],
                 attention_mask=mask,

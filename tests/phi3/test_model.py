@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lora.phi3.config import LongRoPEScaling, Phi3Config
-from lora.phi3.model import CausalLMOutput, Phi3ForCausalLM, _attention_mask
+from lora.phi3.model import CausalLMOutput, Phi3ForCausalLM, _attention_mask, _KVBuffer
 
 transformers = pytest.importorskip("transformers")
 
@@ -274,6 +274,50 @@ def test_generate_stops_at_eos_and_streams() -> None:
     assert torch.equal(out[:, :5], ids)
     assert torch.equal(out[:, 5:], expected[:, : max(ends)])
     assert torch.equal(torch.stack(streamed, dim=1), out[:, 5:])
+
+
+def test_generate_cache_is_written_in_place_and_equals_the_concatenated_one() -> None:
+    """generate's cache (_KVBuffer: views of buffers allocated once) gives exactly the logits of the public cache
+    (tuples grown by concatenation), prefill then one token at a time with left padding, and every step writes
+    into the same two buffers per layer instead of copying the cache."""
+    _, ours = pair(**CASES["gqa"])
+    ids = token_ids(2, 12)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        grown, buffered = None, tuple(_KVBuffer(12) for _ in ours.model.layers)
+        storages = None
+        for start, stop in [(0, 8), (8, 9), (9, 10), (10, 12)]:
+            kw = dict(attention_mask=mask[:, :stop], use_cache=True)
+            a = ours(ids[:, start:stop], past_key_values=grown, **kw)
+            b = ours(ids[:, start:stop], past_key_values=buffered, **kw)
+            grown, buffered = a.past_key_values, b.past_key_values
+            assert torch.equal(a.logits, b.logits)
+            assert all(torch.equal(x, y) for g, c in zip(grown, buffered) for x, y in zip(g, c))
+            pointers = [t.untyped_storage().data_ptr() for layer in buffered for t in layer]
+            assert storages is None or pointers == storages  # the same buffers, written in place
+            storages = pointers
+    assert isinstance(buffered[0], _KVBuffer) and buffered[0][0].shape[2] == 12
+    with pytest.raises(RuntimeError, match="cannot hold 13"):
+        buffered[0].extend(*(t[:, :, :1] for t in buffered[0]))
+
+
+def test_generate_with_compiled_layers_matches_eager() -> None:
+    """compile_layers, then generate (as the example's evaluation does with --compile): the same tokens as eager,
+    without a graph break at the in-place cache writes."""
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounter
+
+    _, ours = pair(**CASES["gqa"])
+    ids = token_ids(2, 9)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    eager = ours.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[])
+    counter = CompileCounter()
+    ours.compile_layers(backend=counter)
+    torch._dynamo.utils.counters.clear()
+    assert torch.equal(ours.generate(ids, max_new_tokens=6, attention_mask=mask, eos_token_id=[]), eager)
+    assert counter.frame_count >= 1 and not torch._dynamo.utils.counters["graph_break"]
 
 
 def test_sampling_is_seeded_and_tiny_top_p_is_greedy() -> None:

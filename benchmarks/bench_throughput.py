@@ -119,6 +119,21 @@ def build_pass(
     return step
 
 
+def _table_rows(label: str, steps: dict, times: dict, baseline: str, padding: bool = False) -> list[Row]:
+    """One row per pass of ``steps`` (each with ``.shape = (padded cells, real tokens)``): its median time, its ratio
+    to ``baseline``'s, real tokens per second, and the padding share if asked."""
+    rows = []
+    for impl, step in steps.items():
+        stats = None if impl == baseline else _timing.ratio_stats(times, impl, baseline)
+        ms = _timing.median_ms(times[impl])
+        cells, tokens = step.shape
+        extra = {"tok/s": f"{tokens / (ms / 1e3):.0f}"}
+        if padding:
+            extra["padding"] = f"{1 - tokens / cells:.1%}"
+        rows.append(Row(label, impl, stats, ms, None, "", None, extra))
+    return rows
+
+
 def packing_rows(args: argparse.Namespace) -> list[Row]:
     rows = []
     for kind in ("built-in data", "chat-like lengths"):
@@ -126,13 +141,8 @@ def packing_rows(args: argparse.Namespace) -> list[Row]:
         print(f"running packing on {kind} ...", file=sys.stderr, flush=True)
         steps = {"length-grouped": build_pass(data, packing=False), "packed": build_pass(data, packing=True)}
         times = _timing.interleaved(steps, args.rounds, warmup=1, seed=args.seed)
-        for impl, step in steps.items():
-            stats = None if impl == "length-grouped" else _timing.ratio_stats(times, impl, "length-grouped")
-            ms = _timing.median_ms(times[impl])
-            cells, tokens = step.shape
-            extra = {"tok/s": f"{tokens / (ms / 1e3):.0f}", "padding": f"{1 - tokens / cells:.1%}"}
-            label = f"tiny Phi-3 + LoRA, {len(data)} conversations ({kind}), batches of {BATCH}"
-            rows.append(Row(label, impl, stats, ms, None, "", None, extra))
+        label = f"tiny Phi-3 + LoRA, {len(data)} conversations ({kind}), batches of {BATCH}"
+        rows += _table_rows(label, steps, times, "length-grouped", padding=True)
     return rows
 
 
@@ -167,14 +177,8 @@ def compile_rows(args: argparse.Namespace) -> list[Row]:
         f"dynamo: {counters['stats']['unique_graphs']} graphs compiled, "
         f"{sum(counters['graph_break'].values())} graph breaks\n"
     )
-    rows = []
-    for impl, step in steps.items():
-        stats = None if impl == "eager" else _timing.ratio_stats(times, impl, "eager")
-        ms = _timing.median_ms(times[impl])
-        extra = {"tok/s": f"{step.shape[1] / (ms / 1e3):.0f}"}
-        label = f"tiny Phi-3 + LoRA, {len(data)} conversations (built-in data), batches of {BATCH}, {variant}"
-        rows.append(Row(label, impl, stats, ms, None, "", None, extra))
-    return rows
+    label = f"tiny Phi-3 + LoRA, {len(data)} conversations (built-in data), batches of {BATCH}, {variant}"
+    return _table_rows(label, steps, times, "eager")
 
 
 def custom_op_rows(args: argparse.Namespace) -> list[Row]:
@@ -200,16 +204,11 @@ def custom_op_rows(args: argparse.Namespace) -> list[Row]:
         with mock.patch.object(lf._FusedLoRALinear, "apply", via_op):
             return op_pass()
 
+    through_op.shape = op_pass.shape
     steps = {"autograd Function": function_pass, "custom op": through_op}
     times = _timing.interleaved(steps, args.rounds, warmup=1, seed=args.seed)
-    rows = []
-    for impl in steps:
-        stats = None if impl == "autograd Function" else _timing.ratio_stats(times, impl, "autograd Function")
-        ms = _timing.median_ms(times[impl])
-        extra = {"tok/s": f"{function_pass.shape[1] / (ms / 1e3):.0f}"}
-        label = f"tiny Phi-3 + LoRA, eager, {len(data)} conversations (built-in data), LoRA dropout {dropout}"
-        rows.append(Row(label, impl, stats, ms, None, "", None, extra))
-    return rows
+    label = f"tiny Phi-3 + LoRA, eager, {len(data)} conversations (built-in data), LoRA dropout {dropout}"
+    return _table_rows(label, steps, times, "autograd Function")
 
 
 # ---------------------------------------------------------------------------------------------------------------
